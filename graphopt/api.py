@@ -1,0 +1,54 @@
+"""``graphopt.optimize``: copy, trace, run the pass pipeline, report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch.fx as fx
+import torch.nn as nn
+
+from graphopt.pipeline import Context, Pass, PassManager
+from graphopt.registry import parse_pipeline
+from graphopt.report import Report
+from graphopt.trace import Capture, trace
+
+
+@dataclass
+class OptimizeResult:
+    """The optimized module (called like the original model) and the per-pass report."""
+
+    module: fx.GraphModule
+    report: Report
+
+    @property
+    def capture(self) -> str:
+        """Which route captured the model: 'export', 'export-static' or 'symbolic_trace'."""
+        return self.report.capture
+
+    def __str__(self) -> str:
+        return str(self.report)
+
+
+def optimize(
+    model: nn.Module,
+    passes: Sequence[Pass | str] | str = (),
+    example_inputs: Any = None,
+    *,
+    calib_data: Iterable | None = None,
+    verify: bool = True,
+    capture: Capture = "auto",
+    leaf_modules: Sequence[type] = (),
+    dynamic: bool = True,
+) -> OptimizeResult:
+    """Trace ``model`` on ``example_inputs`` and run ``passes`` in order; the caller's model is never changed.
+
+    ``passes`` are Pass objects or strings (``"fuse"``, ``"prune-channels:ratio=0.5"``, or one comma-separated
+    string). ``calib_data`` is an iterable of input batches for data-driven passes. With ``verify`` the manager
+    checks the graph after every pass (see PassManager).
+    """
+    manager = PassManager(parse_pipeline(passes) if isinstance(passes, str) else passes, verify=verify)
+    gm = trace(model, example_inputs, capture=capture, leaf_modules=leaf_modules, dynamic=dynamic)
+    ctx = Context(example_inputs, calib_data=calib_data)
+    gm, report = manager.run(gm, ctx)
+    return OptimizeResult(gm, report)

@@ -1,0 +1,106 @@
+"""Small, shared operations on canonical graphs: matching ops, reading and writing parameters, cleaning up."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+
+def is_op(node: fx.Node, *ops) -> bool:
+    """True if ``node`` calls one of ``ops`` (ATen overloads such as ``aten.conv2d.default`` or whole packets)."""
+    if node.op != "call_function":
+        return False
+    target = node.target
+    packet = getattr(target, "overloadpacket", None)
+    return any(target is op or packet is op for op in ops)
+
+
+def attr_value(gm: fx.GraphModule, node: fx.Node | None) -> torch.Tensor | None:
+    """The tensor a ``get_attr`` node reads (None for a None argument)."""
+    if node is None:
+        return None
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        raise TypeError(f"expected a get_attr node, got {node}")
+    return _resolve(gm, node.target)
+
+
+def _resolve(root: nn.Module, qualified: str):
+    owner, _, leaf = qualified.rpartition(".")
+    return getattr(root.get_submodule(owner) if owner else root, leaf)
+
+
+def set_parameter(gm: fx.GraphModule, qualified: str, value: torch.Tensor) -> None:
+    """Store ``value`` as a parameter named ``qualified``, creating owner modules as needed."""
+    owner_name, _, leaf = qualified.rpartition(".")
+    owner = _ensure_module(gm, owner_name)
+    if leaf in owner._buffers:
+        del owner._buffers[leaf]
+    owner.register_parameter(leaf, nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad))
+
+
+def _ensure_module(root: nn.Module, qualified: str) -> nn.Module:
+    mod = root
+    for part in filter(None, qualified.split(".")):
+        if not hasattr(mod, part):
+            mod.add_module(part, nn.Module())
+        mod = getattr(mod, part)
+    return mod
+
+
+def free_attr_name(gm: fx.GraphModule, wanted: str) -> str:
+    """``wanted`` if no attribute of that qualified name exists, else ``wanted_1``, ``wanted_2``..."""
+    name, k = wanted, 0
+    while _exists(gm, name):
+        k += 1
+        name = f"{wanted}_{k}"
+    return name
+
+
+def _exists(gm: fx.GraphModule, qualified: str) -> bool:
+    try:
+        return _resolve(gm, qualified) is not None  # nn.Conv2d(bias=False) keeps a free `bias = None` slot
+    except AttributeError:
+        return False
+
+
+def remove_dead_nodes(gm: fx.GraphModule) -> int:
+    """Erase pure nodes whose results nobody uses (input guards and asserts stay); returns how many."""
+    removed = 0
+    for node in reversed(list(gm.graph.nodes)):
+        if node.users or node.op in ("placeholder", "output") or node.is_impure():
+            continue
+        if node.op == "call_module":  # opaque modules (guards, user leaves) may have side effects
+            continue
+        gm.graph.erase_node(node)
+        removed += 1
+    return removed
+
+
+def remove_unused_attrs(gm: fx.GraphModule) -> list[str]:
+    """Delete parameters and buffers no ``get_attr`` node reads (opaque call_module owners are kept)."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    opaque = tuple(f"{n.target}." for n in gm.graph.nodes if n.op == "call_module")
+    removed = []
+    for name in [n for n, _ in gm.named_parameters(remove_duplicate=False)] + [n for n, _ in gm.named_buffers()]:
+        if name in used or name.startswith(opaque) or any(u.startswith(name + ".") for u in used):
+            continue
+        owner_name, _, leaf = name.rpartition(".")
+        owner = gm.get_submodule(owner_name) if owner_name else gm
+        owner._parameters.pop(leaf, None)
+        owner._buffers.pop(leaf, None)
+        removed.append(name)
+    return removed
+
+
+def replace_with(node: fx.Node, value: fx.Node) -> None:
+    """Point every user of ``node`` at ``value`` and erase ``node``."""
+    node.replace_all_uses_with(value)
+    node.graph.erase_node(node)
+
+
+def users_of(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+    """Every node that uses any of ``nodes``."""
+    return {u for n in nodes for u in n.users}

@@ -1,0 +1,143 @@
+"""Capture a model into graphopt's one canonical IR: an unlifted ``torch.export`` graph of ATen ops.
+
+Order of attempts: ``torch.export`` (non-strict) with the batch dim, and the sequence dim of integer token inputs,
+left dynamic; the same with static shapes; then ``torch.fx.symbolic_trace`` normalized into the same ATen form
+(see fx_fallback.py). Which one worked is recorded in ``gm.meta["graphopt_capture"]``. Every node's shape and
+dtype is recorded in ``node.meta["tensor_meta"]``, and the captured graph is checked against the eager model.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import warnings
+from typing import Any, Literal, Sequence
+
+import torch
+import torch.fx as fx
+import torch.fx.experimental._config as fx_config
+import torch.nn as nn
+from torch.export import Dim
+
+from graphopt.diagnose import locate, module_stack, short_reason
+from graphopt.errors import InputError, TraceError
+from graphopt.fx_fallback import symbolic_capture
+from graphopt.inputs import ExampleInputs, flat_outputs
+from graphopt.shapes import propagate
+
+Capture = Literal["auto", "export", "fx"]
+_HINT = (
+    "What you can do: make control flow independent of tensor values (torch.where, torch.cond), give non-tensor "
+    "arguments fixed values, or keep the offending module opaque with leaf_modules=[ItsClass] (fx fallback)."
+)
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    capture: Capture = "auto",
+    leaf_modules: Sequence[type] = (),
+    dynamic: bool = True,
+    copy_model: bool = True,
+) -> fx.GraphModule:
+    """Capture ``model`` called on ``example_inputs`` into the canonical ATen-level ``fx.GraphModule``.
+
+    The model is captured in eval mode, on a deep copy unless ``copy_model=False`` (the caller's model is never
+    changed). ``capture`` forces one route ("export" or "fx"); ``leaf_modules`` lists module types the fx fallback
+    keeps opaque. The result is called exactly like the model and returns outputs of the same structure.
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(
+            f"graphopt expects a torch.nn.Module, got {type(model).__name__}; wrap plain functions in an nn.Module"
+        )
+    inputs = ExampleInputs.of(example_inputs)
+    model = copy.deepcopy(model) if copy_model else model
+    model.eval()
+    reference = _run_eagerly(model, inputs)
+    gm, route = _capture(model, inputs, capture, tuple(leaf_modules), dynamic)
+    gm.meta["graphopt_capture"] = route
+    outputs = propagate(gm, inputs)
+    _check_reproduces(model, reference, outputs, route)
+    return gm
+
+
+def _run_eagerly(model: nn.Module, inputs: ExampleInputs) -> list[torch.Tensor]:
+    """Run the model once; a failure here means the example inputs do not fit it, so say where."""
+    with module_stack(model) as stack, torch.no_grad():
+        try:
+            out = inputs.call(model)
+        except Exception as e:
+            where = f"module `{stack[-1] or '<root>'}` ({type(model.get_submodule(stack[-1])).__name__})" \
+                if stack else f"{type(model).__name__}.forward"
+            raise InputError(
+                f"example_inputs {inputs.describe()} do not fit the model: {where} raised "
+                f"{type(e).__name__}: {short_reason(e)}. Pass inputs of the shapes and dtypes the model expects."
+            ) from e
+    return flat_outputs(out)
+
+
+def _capture(model, inputs, capture: Capture, leaf_modules, dynamic: bool) -> tuple[fx.GraphModule, str]:
+    errors: list[tuple[str, BaseException]] = []
+    if capture in ("auto", "export"):
+        for dyn in ((True, False) if dynamic else (False,)):
+            try:
+                return _export(model, inputs, dyn), "export" if dyn else "export-static"
+            except Exception as e:  # export raises many unrelated types; all mean "try the next route"
+                errors.append(("torch.export", e))
+    if capture in ("auto", "fx"):
+        try:
+            return symbolic_capture(model, inputs, leaf_modules), "symbolic_trace"
+        except Exception as e:
+            errors.append(("torch.fx.symbolic_trace", e))
+    raise _trace_error(model, errors) from errors[0][1]
+
+
+def _export(model: nn.Module, inputs: ExampleInputs, dynamic: bool) -> fx.GraphModule:
+    shapes = _dynamic_shapes(model, inputs) if dynamic else None
+    # size-oblivious reasoning keeps a batch of 1 dynamic instead of specializing it (the 0/1 rule)
+    with fx_config.patch(backed_size_oblivious=dynamic), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(model, inputs.args, inputs.kwargs, dynamic_shapes=shapes, strict=False)
+    return ep.module()
+
+
+def _dynamic_shapes(model: nn.Module, inputs: ExampleInputs) -> dict[str, Any]:
+    """Dim 0 of every tensor input is the batch; dim 1 of integer inputs (token ids, masks) is the sequence."""
+
+    def spec(x):
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            return None
+        dims = {0: Dim.AUTO}
+        if x.dim() >= 2 and not x.dtype.is_floating_point:
+            dims[1] = Dim.AUTO
+        return dims
+
+    bound = inspect.signature(model.forward).bind(*inputs.args, **inputs.kwargs)
+    return {name: torch.utils._pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
+
+
+def _trace_error(model: nn.Module, errors: list[tuple[str, BaseException]]) -> TraceError:
+    lines = [f"could not trace {type(model).__name__}:"]
+    for route, err in errors[-2:] if len(errors) > 2 else errors:
+        lines.append(f"  {route} failed in {locate(err, model).describe()}: {short_reason(err)}")
+    lines.append(_HINT)
+    return TraceError("\n".join(lines))
+
+
+def _check_reproduces(model: nn.Module, reference: list, outputs: list, route: str) -> None:
+    got = [x for x in outputs if isinstance(x, torch.Tensor)]
+    if len(got) != len(reference) or any(a.shape != b.shape for a, b in zip(got, reference)):
+        raise TraceError(
+            f"the {route} capture of {type(model).__name__} returns {len(got)} tensors of shapes "
+            f"{[tuple(t.shape) for t in got]}, the model {[tuple(t.shape) for t in reference]}; "
+            "the model's output probably depends on Python state the trace cannot see"
+        )
+    for i, (a, b) in enumerate(zip(got, reference)):
+        try:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        except AssertionError as e:
+            raise TraceError(
+                f"the {route} capture of {type(model).__name__} does not reproduce output {i}: "
+                f"{short_reason(e)}; check for randomness or Python-side state in forward"
+            ) from e
