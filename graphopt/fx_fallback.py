@@ -39,7 +39,7 @@ def symbolic_capture(model: nn.Module, inputs: ExampleInputs, leaf_modules: Sequ
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     values = _example_values(gm, inputs)
     for node in list(gm.graph.nodes):
-        if _convertible(gm, node, values, leaf_types):
+        if not node._erased and _convertible(gm, node, values, leaf_types):  # getitems of tuples go with them
             _inline_aten(gm, node, values)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()

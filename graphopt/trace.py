@@ -8,10 +8,13 @@ dtype is recorded in ``node.meta["tensor_meta"]``, and the captured graph is che
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import io
+import logging
 import warnings
-from typing import Any, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 import torch.fx as fx
@@ -72,7 +75,7 @@ def _run_eagerly(model: nn.Module, inputs: ExampleInputs) -> list[torch.Tensor]:
                 if stack else f"{type(model).__name__}.forward"
             raise InputError(
                 f"example_inputs {inputs.describe()} do not fit the model: {where} raised "
-                f"{type(e).__name__}: {short_reason(e)}. Pass inputs of the shapes and dtypes the model expects."
+                f"{short_reason(e)}. Pass inputs of the shapes and dtypes the model expects."
             ) from e
     return flat_outputs(out)
 
@@ -96,10 +99,23 @@ def _capture(model, inputs, capture: Capture, leaf_modules, dynamic: bool) -> tu
 def _export(model: nn.Module, inputs: ExampleInputs, dynamic: bool) -> fx.GraphModule:
     shapes = _dynamic_shapes(model, inputs) if dynamic else None
     # size-oblivious reasoning keeps a batch of 1 dynamic instead of specializing it (the 0/1 rule)
-    with fx_config.patch(backed_size_oblivious=dynamic), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with fx_config.patch(backed_size_oblivious=dynamic), _quiet_torch():
         ep = torch.export.export(model, inputs.args, inputs.kwargs, dynamic_shapes=shapes, strict=False)
     return ep.module()
+
+
+@contextlib.contextmanager
+def _quiet_torch() -> Iterator[None]:
+    """torch logs whole graphs when an export attempt fails; we report the failure ourselves, once and clearly."""
+    previous = logging.root.manager.disable  # torch's child loggers set their own levels: silence them all
+    logging.disable(logging.CRITICAL)
+    try:
+        # export also print()s the partial graph of a failed attempt straight to stderr
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
 
 
 def _dynamic_shapes(model: nn.Module, inputs: ExampleInputs) -> dict[str, Any]:
