@@ -53,6 +53,14 @@ def _as_batch_norm(node: fx.Node) -> _BatchNorm | None:
     return None
 
 
+def _layer_name(layer: fx.Node) -> str:
+    """The module path of a layer (``blocks.0.conv1``) from its weight's name; the node name otherwise."""
+    weight = layer.args[1]
+    if isinstance(weight, fx.Node) and weight.op == "get_attr":
+        return weight.target.rpartition(".")[0] or weight.target
+    return layer.name
+
+
 def _is_shared(attr: fx.Node) -> bool:
     """True if the parameter behind a get_attr node is read anywhere else in the graph."""
     readers = [n for n in attr.graph.nodes if n.op == "get_attr" and n.target == attr.target]
@@ -88,10 +96,10 @@ class Fuse(Pass):
                 continue
             reason = self._why_not(layer, bn)
             if reason:
-                skipped[layer.name] = reason
+                skipped[_layer_name(layer)] = reason
                 continue
+            fused.append(_layer_name(layer))
             self._fold(gm, layer, bn)
-            fused.append(layer.name)
         if fused:
             remove_dead_nodes(gm)
             remove_unused_attrs(gm)
