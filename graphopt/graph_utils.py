@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -99,8 +97,3 @@ def replace_with(node: fx.Node, value: fx.Node) -> None:
     """Point every user of ``node`` at ``value`` and erase ``node``."""
     node.replace_all_uses_with(value)
     node.graph.erase_node(node)
-
-
-def users_of(nodes: Iterable[fx.Node]) -> set[fx.Node]:
-    """Every node that uses any of ``nodes``."""
-    return {u for n in nodes for u in n.users}

@@ -55,10 +55,9 @@ class Pass:
 class Context:
     """Per-run state shared by passes: example inputs, calibration data, and a cache of analyses."""
 
-    def __init__(self, example_inputs: Any, *, calib_data: Iterable | None = None, **extra: Any):
+    def __init__(self, example_inputs: Any, *, calib_data: Iterable | None = None):
         self.inputs = ExampleInputs.of(example_inputs)
         self.calib_data = calib_data
-        self.extra = dict(extra)
         self.gm: fx.GraphModule | None = None
         self._analyses: dict[type, Any] = {}
 

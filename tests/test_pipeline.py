@@ -55,7 +55,8 @@ class Late(Named):
 
 
 def test_order_constraints_accept_the_right_order():
-    PassManager([Early(), Named(), Late()])
+    manager = PassManager([Early(), Named(), Late()])
+    assert [p.name for p in manager.passes] == ["early", "", "late"]  # kept as given, never re-sorted
 
 
 def test_misordered_after_names_both_passes_and_the_fix():

@@ -52,7 +52,9 @@ def test_batch_of_one_stays_dynamic():
     case = build("resnet_basic")
     x = case.example_inputs[0][:1]
     gm = graphopt.trace(case.model, (x,))
-    assert_same_outputs(gm, case.model, (torch.randn(5, *x.shape[1:]),))
+    assert gm.meta["graphopt_capture"] == "export"  # dynamic, not the static retry
+    y = torch.randn(5, *x.shape[1:])
+    torch.testing.assert_close(gm(y), case.model(y), rtol=1e-4, atol=1e-4)
 
 
 def test_keyword_inputs_and_model_output_structure_are_kept():
