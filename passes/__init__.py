@@ -1,5 +1,5 @@
 """Built-in passes, one module each; importing this package registers them by name."""
 
-from graphopt.passes import dce, fuse, remove_identity  # noqa: F401
+from graphopt.passes import channel_prune, dce, fuse, remove_identity  # noqa: F401
 
-BUILTIN_MODULES = ("dce", "fuse", "remove_identity")
+BUILTIN_MODULES = ("channel_prune", "dce", "fuse", "remove_identity")

@@ -1,0 +1,101 @@
+"""Channel importance: one score per channel of a ChannelGroup, aggregated over every member of the group.
+
+Criteria: ``l1``/``l2`` (weight magnitude), ``bn-scale`` (|gamma| of the group's BatchNorms, l1 where it has none),
+``taylor`` (first-order |w * dL/dw| from calibration batches, with the output's squared norm as the loss when none
+is given) and ``random``. Only trainable parameters count: BatchNorm running statistics are not weights.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from graphopt.dependency.analysis import ChannelGroup
+from graphopt.graph_utils import is_op
+from graphopt.inputs import ExampleInputs, flat_outputs
+
+CRITERIA = ("l1", "l2", "bn-scale", "taylor", "random")
+
+
+def _tensor(gm: fx.GraphModule, name: str) -> torch.Tensor:
+    owner, _, leaf = name.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, leaf)
+
+
+def _row_scores(values: torch.Tensor, dim: int, power: int) -> torch.Tensor:
+    """Sum of |v|^power over everything but ``dim``: one number per index of ``dim``."""
+    flat = values.detach().float().movedim(dim, 0).reshape(values.shape[dim], -1).abs()
+    return flat.pow(power).sum(dim=1)
+
+
+def aggregate(gm: fx.GraphModule, group: ChannelGroup, per_param: Callable[[str], torch.Tensor | None],
+              power: int) -> torch.Tensor:
+    """Score each channel by summing row scores of ``per_param(name)`` over all members of the group."""
+    score = torch.zeros(group.size, dtype=torch.float64)
+    for m in group.members:
+        values = per_param(m.param)
+        if values is None:
+            continue
+        rows = _row_scores(values, m.dim, power).double()
+        score.index_add_(0, torch.from_numpy(m.channel), rows[torch.from_numpy(m.rows)])
+    return score
+
+
+def bn_weights(gm: fx.GraphModule) -> set[str]:
+    """Names of the parameters used as BatchNorm scale (gamma)."""
+    aten = torch.ops.aten
+    return {n.args[1].target for n in gm.graph.nodes
+            if is_op(n, aten.batch_norm, aten._native_batch_norm_legit_no_training)
+            and isinstance(n.args[1], fx.Node) and n.args[1].op == "get_attr"}
+
+
+def taylor_saliency(gm: fx.GraphModule, batches: Iterable, loss_fn: Callable | None) -> dict[str, torch.Tensor]:
+    """Per-element |w * dL/dw| summed over batches (L: ``loss_fn(output, batch)``, or the output's mean square)."""
+    params = dict(gm.named_parameters())
+    saliency = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+    for batch in batches:
+        inputs = ExampleInputs.of(batch)
+        for p in params.values():
+            p.grad = None
+        with torch.enable_grad():
+            out = inputs.call(gm)
+            loss = loss_fn(out, batch) if loss_fn else sum(o.float().pow(2).mean() for o in flat_outputs(out)
+                                                             if o.is_floating_point())
+            loss.backward()
+        for name, p in params.items():
+            if p.grad is not None:
+                saliency[name] += (p.detach() * p.grad).abs().float()
+    for p in params.values():
+        p.grad = None
+    return saliency
+
+
+def group_scores(gm: fx.GraphModule, groups: list[ChannelGroup], criterion: str, *, seed: int = 0,
+                 batches: Iterable | None = None, loss_fn: Callable | None = None) -> dict[int, torch.Tensor]:
+    """Scores of every channel of every group, keyed by group index."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown importance '{criterion}'; choose one of {', '.join(CRITERIA)}")
+    trainable = {name for name, p in gm.named_parameters()}
+    weights = lambda name: _tensor(gm, name) if name in trainable else None  # noqa: E731
+    if criterion == "random":
+        gen = torch.Generator().manual_seed(seed)
+        return {g.index: torch.rand(g.size, generator=gen, dtype=torch.float64) for g in groups}
+    if criterion == "taylor":
+        saliency = taylor_saliency(gm, batches, loss_fn)
+        return {g.index: aggregate(gm, g, saliency.get, 1) for g in groups}
+    power = 2 if criterion == "l2" else 1
+    scores = {g.index: aggregate(gm, g, weights, power) for g in groups}
+    if criterion == "bn-scale":
+        gammas = bn_weights(gm)
+        for g in groups:
+            if set(g.params()) & gammas:
+                scores[g.index] = aggregate(gm, g, lambda n: _tensor(gm, n) if n in gammas else None, 1)
+    return scores
+
+
+def is_parameter(gm: fx.GraphModule, name: str) -> bool:
+    """True if ``name`` is a trainable parameter of ``gm``."""
+    return isinstance(_tensor(gm, name), nn.Parameter)

@@ -1,0 +1,140 @@
+"""``prune-channels``: structured channel pruning over the groups of the dependency analysis.
+
+Each step analyses the graph, scores every channel of every prunable group, plans which channels go (local: the
+same ratio in every group; global: lowest normalized scores across groups), and applies the plan in one place
+(graphopt.dependency.apply). Parameters physically shrink; nothing is masked. With ``steps > 1`` the ratio is
+reached gradually and ``finetune(gm, step)`` runs between steps (prune a little, recover, repeat).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+import torch.fx as fx
+
+from graphopt.dependency import ChannelGroup, DependencyGraph
+from graphopt.dependency.apply import apply_channel_plan, keep_every_dim_nonempty
+from graphopt.errors import PipelineError
+from graphopt.importance import CRITERIA, group_scores
+from graphopt.pipeline import Context, Pass, PassResult
+from graphopt.registry import register_pass
+
+ATTENTION = ("heads", "head_dim", "both", "none")
+
+
+@register_pass
+@dataclass(frozen=True)
+class PruneChannels(Pass):
+    """Remove the least important channels of every coupled channel group (physically smaller layers)."""
+
+    name: ClassVar[str] = "prune-channels"
+    before: ClassVar = ("fake-quant",)
+    ratio: float = 0.5
+    importance: str = "l2"
+    round_to: int = 1
+    ignore: tuple = ()  # fnmatch patterns of parameter/module names whose groups stay whole
+    ratios: tuple = ()  # ((pattern, ratio), ...): per-module ratios, first match wins
+    global_ranking: bool = False
+    max_ratio_per_group: float = 0.9
+    attention: str = "heads"
+    steps: int = 1
+    seed: int = 0
+    finetune: Callable | None = None  # finetune(gm, step) between steps
+    loss_fn: Callable | None = None  # for importance='taylor': loss_fn(output, batch) -> scalar
+
+    def __post_init__(self):
+        _check_ratio("ratio", self.ratio)
+        for pattern, r in self.ratios:
+            _check_ratio(f"ratio for '{pattern}'", r)
+        if self.importance not in CRITERIA:
+            raise PipelineError(f"prune-channels: unknown importance '{self.importance}'; "
+                                f"choose one of {', '.join(CRITERIA)}")
+        if self.attention not in ATTENTION:
+            raise PipelineError(f"prune-channels: attention must be one of {', '.join(ATTENTION)}, "
+                                f"got '{self.attention}'")
+        if self.round_to < 1 or self.steps < 1 or not 0 < self.max_ratio_per_group < 1:
+            raise PipelineError("prune-channels: round_to and steps must be >= 1, max_ratio_per_group in (0, 1)")
+
+    def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
+        _check_patterns(gm, self.ignore + tuple(p for p, _ in self.ratios))
+        removed_total, pruned_groups = 0, 0
+        step_keep = (1 - self.ratio) ** (1 / self.steps)
+        for step in range(self.steps):
+            dep = DependencyGraph(gm, ctx) if step or ctx.gm is not gm else ctx.analysis(DependencyGraph)
+            plan = self.plan(gm, dep, ctx, 1 - step_keep)
+            removed_total += apply_channel_plan(gm, dep, plan)
+            pruned_groups = max(pruned_groups, len(plan))
+            if self.finetune is not None and step < self.steps - 1:
+                self.finetune(gm, step)
+        return PassResult(gm, modified=removed_total > 0, stats={
+            "groups_pruned": pruned_groups, "params_removed": removed_total, "steps": self.steps})
+
+    def plan(self, gm: fx.GraphModule, dep: DependencyGraph, ctx: Context, ratio: float) -> dict:
+        """Which channels of which groups to remove at this ``ratio``."""
+        groups = [g for g in dep.prunable_groups if self._eligible(g, dep)]
+        scores = group_scores(gm, groups, self.importance, seed=self.seed,
+                              batches=ctx.calib_data or [ctx.inputs.kwargs or ctx.inputs.args],
+                              loss_fn=self.loss_fn)
+        counts = self._global_counts(groups, scores, ratio) if self.global_ranking else \
+            {g.index: self._count(g, self._ratio_of(g, ratio)) for g in groups}
+        plan = {}
+        for g in groups:
+            k = counts.get(g.index, 0)
+            if k:
+                candidates = torch.from_numpy(g.prunable)
+                order = scores[g.index][candidates].argsort(stable=True)
+                plan[g] = candidates[order[:k]].tolist()
+        return keep_every_dim_nonempty(dep, plan, scores)
+
+    def _eligible(self, group: ChannelGroup, dep: DependencyGraph) -> bool:
+        if any(fnmatch.fnmatch(p, pat) or fnmatch.fnmatch(p, pat + ".*") for p in group.params() for pat in self.ignore):
+            return False
+        kind = dep.group_kind(group)
+        return kind == "channels" or self.attention in ("both", kind)
+
+    def _ratio_of(self, group: ChannelGroup, default: float) -> float:
+        for pattern, r in self.ratios:
+            if any(fnmatch.fnmatch(p, pattern) or fnmatch.fnmatch(p, pattern + ".*") for p in group.params()):
+                return 1 - (1 - r) ** (1 / self.steps)
+        return default
+
+    def _count(self, group: ChannelGroup, ratio: float) -> int:
+        """Channels to remove: ratio of the group, capped, leaving a multiple of round_to."""
+        k = min(int(ratio * group.size), int(self.max_ratio_per_group * group.size), len(group.prunable))
+        keep = group.size - k
+        if self.round_to > 1:
+            keep = min(group.size, math.ceil(keep / self.round_to) * self.round_to)
+        return max(0, group.size - keep)
+
+    def _global_counts(self, groups: list[ChannelGroup], scores: dict, ratio: float) -> dict[int, int]:
+        """Rank channels of all groups together on scores normalized by their group's mean."""
+        pool = []
+        for g in groups:
+            s = scores[g.index][torch.from_numpy(g.prunable)]
+            s = s / s.mean().clamp_min(1e-12)
+            pool.extend((float(v), g.index) for v in s)
+        budget = int(ratio * sum(g.size for g in groups))
+        caps = {g.index: self._count(g, self.max_ratio_per_group) for g in groups}
+        counts = {g.index: 0 for g in groups}
+        for _, index in sorted(pool)[: max(budget, 0)]:
+            if counts[index] < caps[index]:
+                counts[index] += 1
+        by_index = {g.index: g for g in groups}
+        return {i: self._count(by_index[i], c / by_index[i].size) if c else 0 for i, c in counts.items()}
+
+
+def _check_ratio(what: str, r: float) -> None:
+    if not 0 <= r < 1:
+        raise PipelineError(f"prune-channels: {what} must be in [0, 1), got {r}")
+
+
+def _check_patterns(gm: fx.GraphModule, patterns: tuple) -> None:
+    names = [n for n, _ in gm.named_parameters()] + [n for n, _ in gm.named_buffers()]
+    for pat in patterns:
+        if not any(fnmatch.fnmatch(n, pat) or fnmatch.fnmatch(n, pat + ".*") for n in names):
+            raise PipelineError(f"prune-channels: no parameter matches '{pat}' (ignore/ratios name modules or "
+                                f"parameters by qualified name, e.g. 'layer1.0.conv1' or 'blocks.*.attn')")
