@@ -2,7 +2,7 @@
 
 from graphopt.api import OptimizeResult, optimize
 from graphopt.errors import (
-    GraphoptError, InputError, PassError, PipelineError, TraceError, VerifyError,
+    GraphoptError, GraphoptWarning, InputError, PassError, PipelineError, TraceError, VerifyError,
 )
 from graphopt.metrics import count_macs, count_params, measure_latency, model_bytes, paired_latency
 from graphopt.pipeline import Context, Pass, PassManager, PassResult
@@ -13,7 +13,7 @@ from graphopt.trace import trace
 import graphopt.passes  # noqa: E402,F401  (registers the built-in passes)
 
 __all__ = [
-    "Context", "GraphoptError", "InputError", "OptimizeResult", "Pass", "PassError", "PassManager", "PassRecord",
+    "Context", "GraphoptError", "GraphoptWarning", "InputError", "OptimizeResult", "Pass", "PassError", "PassManager", "PassRecord",
     "PassResult", "PipelineError", "Report", "TraceError", "VerifyError", "count_macs", "count_params",
     "measure_latency", "model_bytes", "optimize", "paired_latency", "parse_pipeline", "register_pass",
     "registered_passes", "trace",

@@ -29,3 +29,7 @@ class PassError(GraphoptError):
 
 class VerifyError(GraphoptError):
     """A pass left a graph that fails lint, fails to run, or changed outputs it promised to preserve."""
+
+
+class GraphoptWarning(UserWarning):
+    """Something was left alone on purpose (e.g. channels frozen at an op without a dependency rule)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
@@ -18,7 +19,7 @@ import torch.fx as fx
 
 from graphopt.dependency import ChannelGroup, DependencyGraph
 from graphopt.dependency.apply import apply_channel_plan, keep_every_dim_nonempty
-from graphopt.errors import PipelineError
+from graphopt.errors import GraphoptWarning, PipelineError
 from graphopt.importance import CRITERIA, group_scores
 from graphopt.pipeline import Context, Pass, PassResult
 from graphopt.registry import register_pass
@@ -65,6 +66,8 @@ class PruneChannels(Pass):
         step_keep = (1 - self.ratio) ** (1 / self.steps)
         for step in range(self.steps):
             dep = DependencyGraph(gm, ctx) if step or ctx.gm is not gm else ctx.analysis(DependencyGraph)
+            if step == 0:
+                _warn_unknown(dep)
             plan = self.plan(gm, dep, ctx, 1 - step_keep)
             removed_total += apply_channel_plan(gm, dep, plan)
             pruned_groups = max(pruned_groups, len(plan))
@@ -125,6 +128,16 @@ class PruneChannels(Pass):
                 counts[index] += 1
         by_index = {g.index: g for g in groups}
         return {i: self._count(by_index[i], c / by_index[i].size) if c else 0 for i, c in counts.items()}
+
+
+def _warn_unknown(dep: DependencyGraph) -> None:
+    """Ops without a dependency rule do not fail pruning: their channels stay whole, and the user hears why."""
+    ops = sorted({reason.removeprefix("no rule for ") for reason in dep.unknown_ops.values()
+                  if reason.startswith("no rule for ")})
+    if ops:
+        warnings.warn(f"prune-channels: no dependency rule for {', '.join(ops)}; the channels they touch are left "
+                      "unpruned. Register a rule with @graphopt.dependency.register_rule(op) to prune through them.",
+                      GraphoptWarning, stacklevel=2)
 
 
 def _check_ratio(what: str, r: float) -> None:

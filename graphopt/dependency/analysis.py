@@ -66,6 +66,7 @@ class DependencyGraph:
         self.params: dict[str, TensorKeys] = {}
         self.unknown_ops: dict[str, str] = {}
         self._kinds: dict[int, set[str]] | None = None
+        self._by_tensor: dict[int, TensorKeys] = {}
         self._run()
         self.groups = self._build_groups()
 
@@ -75,7 +76,7 @@ class DependencyGraph:
             if node.op == "placeholder":
                 w.values[node] = value_keys(w, node, node.name, frozen=f"model input `{node.name}`")
             elif node.op == "get_attr":
-                w.values[node] = self.params.setdefault(node.target, param_keys(self.gm, node))
+                w.values[node] = self._param(node)
             elif node.op == "output":
                 for arg in _flat_nodes(node.args):
                     w.freeze_value(w.keys(arg), "model output")
@@ -88,6 +89,17 @@ class DependencyGraph:
             for d, dim in enumerate(tk.dims if tk is not None else []):
                 if dim is None:
                     w.freeze_keys(w.dk(tk, d), f"`{name}` dim {d} is not used by any op with a rule")
+
+    def _param(self, node: fx.Node) -> TensorKeys | None:
+        """Keys of a get_attr value; names aliasing one tensor (tied weights) share them."""
+        if node.target not in self.params:
+            owner, _, leaf = node.target.rpartition(".")
+            value = getattr(self.gm.get_submodule(owner) if owner else self.gm, leaf, None)
+            shared = self._by_tensor.get(id(value))
+            self.params[node.target] = shared if shared is not None else param_keys(self.gm, node)
+            if value is not None:
+                self._by_tensor[id(value)] = self.params[node.target]
+        return self.params[node.target]
 
     def _freeze_outer_axes(self) -> None:
         """Outer axes of split dims (the 2 halves of a channel shuffle, GroupNorm-style groups) stay whole:
@@ -128,8 +140,12 @@ class DependencyGraph:
         graph.add_edges_from(space.links)
         component = {atom: i for i, comp in enumerate(nx.connected_components(graph)) for atom in comp}
         rows: dict[int, list[tuple[str, int, int, int]]] = defaultdict(list)  # component -> (param, dim, row, prime)
+        seen: set[int] = set()
         for name, tk in self.params.items():
-            for d, keys in enumerate(tk.dims if tk is not None else []):
+            if tk is None or id(tk) in seen:  # an alias of a tensor already listed
+                continue
+            seen.add(id(tk))
+            for d, keys in enumerate(tk.dims):
                 for r, key in enumerate(keys):
                     for p in space.normalize(key):
                         rows[component[space.atom_of[p]]].append((name, d, r, p))

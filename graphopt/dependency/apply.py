@@ -102,9 +102,13 @@ def apply_channel_plan(gm: fx.GraphModule, dep: DependencyGraph, plan: Mapping[C
         return 0
     resized = Resized(dep, removed)
     before = sum(p.numel() for p in gm.parameters())
+    aliases: dict[int, list[str]] = {}
     for name, tk in dep.params.items():
         if tk is not None:
-            _slice_attr(gm, name, [resized.kept(k) if k is not None else None for k in tk.dims])
+            aliases.setdefault(id(tk), []).append(name)
+    for names in aliases.values():
+        tk = dep.params[names[0]]
+        _slice_attr(gm, names, [resized.kept(k) if k is not None else None for k in tk.dims])
     for node in gm.graph.nodes:
         rule = rule_for(node) if node.op == "call_function" else None
         if rule is not None and rule.rewrite is not None and _shapes_changed(node, resized):
@@ -125,19 +129,26 @@ def _shapes_changed(node: fx.Node, resized: Resized) -> bool:
     return False
 
 
-def _slice_attr(gm: fx.GraphModule, name: str, masks: list) -> None:
-    owner_name, _, leaf = name.rpartition(".")
-    owner = gm.get_submodule(owner_name) if owner_name else gm
-    value = getattr(owner, leaf)
+def _slice_attr(gm: fx.GraphModule, names: list[str], masks: list) -> None:
+    """Slice one tensor by the kept masks and store the result under every name that aliases it."""
+    value = _owner_leaf(gm, names[0])
+    value = getattr(*value)
     out = value.detach()
     for d, mask in enumerate(masks):
         if mask is not None and not mask.all():
             out = out.index_select(d, torch.from_numpy(np.flatnonzero(mask)).to(out.device))
     if out.shape == value.shape:
         return
-    if isinstance(value, nn.Parameter):
-        setattr(owner, leaf, nn.Parameter(out.clone(), requires_grad=value.requires_grad))
-    elif leaf in owner._buffers:
-        owner.register_buffer(leaf, out.clone(), persistent=leaf not in owner._non_persistent_buffers_set)
-    else:  # a plain tensor attribute (a constant torch.export lifted)
-        setattr(owner, leaf, out.clone())
+    new = nn.Parameter(out.clone(), requires_grad=value.requires_grad) if isinstance(value, nn.Parameter) \
+        else out.clone()
+    for name in names:
+        owner, leaf = _owner_leaf(gm, name)
+        if isinstance(new, nn.Parameter) or leaf not in owner._buffers:
+            setattr(owner, leaf, new)  # a parameter, or a plain tensor constant torch.export lifted
+        else:
+            owner.register_buffer(leaf, new, persistent=leaf not in owner._non_persistent_buffers_set)
+
+
+def _owner_leaf(gm: fx.GraphModule, name: str) -> tuple[nn.Module, str]:
+    owner_name, _, leaf = name.rpartition(".")
+    return (gm.get_submodule(owner_name) if owner_name else gm), leaf
