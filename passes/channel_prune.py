@@ -23,6 +23,7 @@ from graphopt.errors import GraphoptWarning, PipelineError
 from graphopt.importance import CRITERIA, group_scores
 from graphopt.pipeline import Context, Pass, PassResult
 from graphopt.registry import register_pass
+from graphopt.shapes import propagate
 
 ATTENTION = ("heads", "head_dim", "both", "none")
 
@@ -70,6 +71,7 @@ class PruneChannels(Pass):
                 _warn_unknown(dep)
             plan = self.plan(gm, dep, ctx, 1 - step_keep)
             removed_total += apply_channel_plan(gm, dep, plan)
+            propagate(gm, ctx.inputs)  # the next step's analysis reads shapes: record the pruned ones
             pruned_groups = max(pruned_groups, len(plan))
             if self.finetune is not None and step < self.steps - 1:
                 self.finetune(gm, step)
@@ -107,7 +109,9 @@ class PruneChannels(Pass):
 
     def _count(self, group: ChannelGroup, ratio: float) -> int:
         """Channels to remove: ratio of the group, capped, leaving a multiple of round_to."""
-        k = min(int(ratio * group.size), int(self.max_ratio_per_group * group.size), len(group.prunable))
+        # one step rounds down (never more than asked); a schedule rounds to nearest so n steps reach the target
+        wanted = int(ratio * group.size) if self.steps == 1 else round(ratio * group.size)
+        k = min(wanted, int(self.max_ratio_per_group * group.size), len(group.prunable))
         keep = group.size - k
         if self.round_to > 1:
             keep = min(group.size, math.ceil(keep / self.round_to) * self.round_to)
