@@ -27,8 +27,11 @@ def _tensor(gm: fx.GraphModule, name: str) -> torch.Tensor:
 
 def _row_scores(values: torch.Tensor, dim: int, power: int) -> torch.Tensor:
     """Sum of |v|^power over everything but ``dim``: one number per index of ``dim``."""
-    flat = values.detach().float().movedim(dim, 0).reshape(values.shape[dim], -1).abs()
-    return flat.pow(power).sum(dim=1)
+    values = values.detach()
+    others = [d for d in range(values.dim()) if d != dim]
+    if not others:
+        return values.float().abs().pow(power)
+    return torch.linalg.vector_norm(values, ord=power, dim=others, dtype=torch.float32).pow(power)
 
 
 def aggregate(gm: fx.GraphModule, group: ChannelGroup, per_param: Callable[[str], torch.Tensor | None],

@@ -60,9 +60,26 @@ def flat_graph_inputs(gm: fx.GraphModule, inputs: ExampleInputs) -> list[Any]:
 
 
 @torch.no_grad()
-def propagate(gm: fx.GraphModule, inputs: ExampleInputs) -> list[Any]:
-    """Run ``gm`` node by node on ``inputs``, record shapes in ``node.meta``, return its output tensors, flat."""
-    return flat_outputs(_Propagator(gm).run(*flat_graph_inputs(gm, inputs)))
+def propagate(gm: fx.GraphModule, inputs: ExampleInputs, *, fake: bool = False) -> list[Any]:
+    """Run ``gm`` node by node on ``inputs``, record shapes in ``node.meta``, return its output tensors, flat.
+
+    ``fake=True`` runs on FakeTensors: shapes (and FLOP counts) without computing anything; outputs are fake.
+    """
+    flat = flat_graph_inputs(gm, inputs)
+    if not fake:
+        return flat_outputs(_Propagator(gm).run(*flat))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        flat = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in flat]
+        return flat_outputs(_Propagator(gm).run(*flat))
+
+
+def is_fake(tensors: list) -> bool:
+    """True if these outputs came from a fake propagation."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return any(isinstance(t, FakeTensor) for t in tensors)
 
 
 def shape_of(node: fx.Node) -> torch.Size | None:

@@ -23,7 +23,7 @@ from graphopt.errors import GraphoptWarning, PipelineError
 from graphopt.importance import CRITERIA, group_scores
 from graphopt.pipeline import Context, Pass, PassResult
 from graphopt.registry import register_pass
-from graphopt.shapes import propagate
+from graphopt.shapes import GraphRunError, propagate
 
 ATTENTION = ("heads", "head_dim", "both", "none")
 
@@ -71,7 +71,8 @@ class PruneChannels(Pass):
                 _warn_unknown(dep)
             plan = self.plan(gm, dep, ctx, 1 - step_keep)
             removed_total += apply_channel_plan(gm, dep, plan)
-            propagate(gm, ctx.inputs)  # the next step's analysis reads shapes: record the pruned ones
+            if step < self.steps - 1:  # the next step's analysis reads shapes: record the pruned ones
+                _record_shapes(gm, ctx)
             pruned_groups = max(pruned_groups, len(plan))
             if self.finetune is not None and step < self.steps - 1:
                 self.finetune(gm, step)
@@ -132,6 +133,13 @@ class PruneChannels(Pass):
                 counts[index] += 1
         by_index = {g.index: g for g in groups}
         return {i: self._count(by_index[i], c / by_index[i].size) if c else 0 for i, c in counts.items()}
+
+
+def _record_shapes(gm: fx.GraphModule, ctx: Context) -> None:
+    try:
+        propagate(gm, ctx.inputs, fake=True)
+    except GraphRunError:  # opaque code that needs real tensors
+        propagate(gm, ctx.inputs)
 
 
 def _warn_unknown(dep: DependencyGraph) -> None:

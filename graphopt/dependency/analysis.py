@@ -67,6 +67,7 @@ class DependencyGraph:
         self.unknown_ops: dict[str, str] = {}
         self._kinds: dict[int, set[str]] | None = None
         self._by_tensor: dict[int, TensorKeys] = {}
+        self._matrices: dict[int, tuple[list, np.ndarray | list]] = {}
         self._run()
         self.groups = self._build_groups()
 
@@ -174,6 +175,17 @@ class DependencyGraph:
                         self._kinds.setdefault(p, set()).add(kind)
         kinds = set().union(*(self._kinds.get(p, set()) for p in group.primes))
         return "heads" if "heads" in kinds else "head_dim" if "head_dim" in kinds else "channels"
+
+    def key_matrix(self, keys: list) -> np.ndarray | list:
+        """A dim's keys normalized to primes: an (n, width) int array, or a list of tuples if widths differ.
+        Cached per dim (normalization is final once the analysis is done)."""
+        cached = self._matrices.get(id(keys))
+        if cached is None or cached[0] is not keys:
+            norm = [self.walk.space.normalize(k) for k in keys]
+            widths = {len(k) for k in norm}
+            matrix = np.array(norm, dtype=np.int64).reshape(len(norm), -1) if len(widths) == 1 else norm
+            cached = self._matrices[id(keys)] = (keys, matrix)
+        return cached[1]
 
     @property
     def prunable_groups(self) -> list[ChannelGroup]:

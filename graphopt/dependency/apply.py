@@ -7,7 +7,6 @@ sizes, split sizes, conv groups, normalized_shape, slice bounds, attention scale
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -26,11 +25,21 @@ class Resized:
 
     def __init__(self, dep: DependencyGraph, removed: set[int]):
         self.dep, self.removed = dep, removed
-        self._normalize = lru_cache(maxsize=None)(dep.walk.space.normalize)
+        self._removed = np.fromiter(removed, dtype=np.int64, count=len(removed))
+        self._masks: dict[int, tuple[list, np.ndarray]] = {}
 
     def kept(self, keys) -> np.ndarray:
-        """Mask of the rows of a dim that stay."""
-        return np.array([not any(p in self.removed for p in self._normalize(k)) for k in keys], dtype=bool)
+        """Mask of the rows of a dim that stay (a row goes when any prime of its key is removed)."""
+        cached = self._masks.get(id(keys))
+        if cached is not None and cached[0] is keys:
+            return cached[1]
+        matrix = self.dep.key_matrix(keys)
+        if isinstance(matrix, np.ndarray):
+            mask = ~np.isin(matrix, self._removed).any(axis=1)
+        else:
+            mask = np.array([not any(p in self.removed for p in k) for k in matrix], dtype=bool)
+        self._masks[id(keys)] = (keys, mask)
+        return mask
 
     def kept_rows(self, node: fx.Node, dim: int) -> np.ndarray | None:
         """Mask of the indices of ``node``'s dim ``dim`` that stay (None if the value has no keys)."""
@@ -78,21 +87,29 @@ def keep_every_dim_nonempty(dep: DependencyGraph, plan: dict, scores: Mapping[in
         empty = _first_empty_dim(dep, resized)
         if empty is None:
             return {g: idx for g, idx in plan.items() if idx}
-        candidates = [owner[p] for key in empty for p in resized._normalize(key) if p in resized.removed]
+        matrix = dep.key_matrix(empty)
+        candidates = [owner[int(p)] for key in matrix for p in key if int(p) in resized.removed]
         group, index = max(candidates, key=lambda gi: float(scores[gi[0].index][gi[1]]))
         plan[group] = [i for i in plan[group] if i != index]
 
 
 def _first_empty_dim(dep: DependencyGraph, resized: Resized):
-    values = list(dep.params.values()) + list(dep.walk.values.values())
-    for value in values:
-        for tk in value if isinstance(value, (tuple, list)) else [value]:
-            if not isinstance(tk, TensorKeys):
-                continue
-            for keys in tk.dims:
-                if keys and not resized.kept(keys).any():
-                    return keys
+    for keys in _all_dims(dep):
+        if not resized.kept(keys).any():
+            return keys
     return None
+
+
+def _all_dims(dep: DependencyGraph) -> list:
+    """Every distinct dim (keys list) of every parameter and value, each once."""
+    seen: dict[int, list] = {}
+    for value in list(dep.params.values()) + list(dep.walk.values.values()):
+        for tk in value if isinstance(value, (tuple, list)) else [value]:
+            if isinstance(tk, TensorKeys):
+                for keys in tk.dims:
+                    if keys:
+                        seen.setdefault(id(keys), keys)
+    return list(seen.values())
 
 
 def apply_channel_plan(gm: fx.GraphModule, dep: DependencyGraph, plan: Mapping[ChannelGroup, Sequence[int]]) -> int:
@@ -139,8 +156,8 @@ def _slice_attr(gm: fx.GraphModule, names: list[str], masks: list) -> None:
             out = out.index_select(d, torch.from_numpy(np.flatnonzero(mask)).to(out.device))
     if out.shape == value.shape:
         return
-    new = nn.Parameter(out.clone(), requires_grad=value.requires_grad) if isinstance(value, nn.Parameter) \
-        else out.clone()
+    out = out.contiguous()  # index_select already made a new tensor: no clone needed
+    new = nn.Parameter(out, requires_grad=value.requires_grad) if isinstance(value, nn.Parameter) else out
     for name in names:
         owner, leaf = _owner_leaf(gm, name)
         if isinstance(new, nn.Parameter) or leaf not in owner._buffers:

@@ -29,6 +29,11 @@ ELEMENTWISE = (
 )
 
 
+# in-place variants (relu_, add_, ...) return their mutated first input: the same rule holds
+ELEMENTWISE = ELEMENTWISE + tuple(getattr(aten, op.__name__.split(".")[-1] + "_") for op in ELEMENTWISE
+                                  if hasattr(aten, op.__name__.split(".")[-1] + "_"))
+
+
 def _tensor_args(w: Walk, node: fx.Node) -> list[TensorKeys]:
     args = list(node.args) + list(node.kwargs.values())
     return [k for k in (w.keys(a) for a in args) if isinstance(k, TensorKeys)]
