@@ -23,7 +23,7 @@ import torch.nn as nn
 from torch.export import Dim
 
 from graphopt.diagnose import locate, module_stack, short_reason
-from graphopt.errors import InputError, TraceError
+from graphopt.errors import GraphoptWarning, InputError, TraceError
 from graphopt.fx_fallback import symbolic_capture
 from graphopt.inputs import ExampleInputs, flat_outputs
 from graphopt.shapes import propagate
@@ -101,11 +101,28 @@ def _export(model: nn.Module, inputs: ExampleInputs, dynamic: bool) -> fx.GraphM
     # size-oblivious reasoning keeps a batch of 1 dynamic instead of specializing it (the 0/1 rule)
     with fx_config.patch(backed_size_oblivious=dynamic), _quiet_torch():
         ep = torch.export.export(model, inputs.args, inputs.kwargs, dynamic_shapes=shapes, strict=False)
+    if dynamic:
+        _warn_narrow_batch(model, ep)
     gm = ep.module()
     # The input-structure pre-hook re-checks every call in Python (~10% of a small CNN's eager latency); the
     # shape guards compiled into the graph (_guards_fn) stay, and a wrong call still fails with a clear TypeError.
     gm.validate_inputs = False
     return gm
+
+
+def _warn_narrow_batch(model: nn.Module, ep: torch.export.ExportedProgram) -> None:
+    """torch.export sometimes proves the batch must exceed 1 (a layout decision); say so instead of failing later."""
+    lowest = []
+    for node in ep.graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(val, torch.Tensor) and val.dim() and isinstance(val.shape[0], torch.SymInt):
+            bound = ep.range_constraints.get(val.shape[0].node.expr)
+            if bound is not None and int(bound.lower) > 1:
+                lowest.append(int(bound.lower))
+    if lowest:
+        warnings.warn(
+            f"graphopt.trace: torch.export captured {type(model).__name__} for batch sizes >= {max(lowest)} only; "
+            "to serve a batch of 1, trace with example inputs of batch 1", GraphoptWarning, stacklevel=3)
 
 
 @contextlib.contextmanager

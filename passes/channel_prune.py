@@ -37,7 +37,7 @@ class PruneChannels(Pass):
     before: ClassVar = ("fake-quant",)
     ratio: float = 0.5
     importance: str = "l2"
-    round_to: int = 1
+    round_to: int = 1  # each group keeps a multiple (a concat member alone may not: groups, not layers, round)
     ignore: tuple = ()  # fnmatch patterns of parameter/module names whose groups stay whole
     ratios: tuple = ()  # ((pattern, ratio), ...): per-module ratios, first match wins
     global_ranking: bool = False
@@ -94,7 +94,7 @@ class PruneChannels(Pass):
                 candidates = torch.from_numpy(g.prunable)
                 order = scores[g.index][candidates].argsort(stable=True)
                 plan[g] = candidates[order[:k]].tolist()
-        return keep_every_dim_nonempty(dep, plan, scores)
+        return keep_every_dim_nonempty(dep, plan, scores, self.round_to)
 
     def _eligible(self, group: ChannelGroup, dep: DependencyGraph) -> bool:
         if any(fnmatch.fnmatch(p, pat) or fnmatch.fnmatch(p, pat + ".*") for p in group.params() for pat in self.ignore):

@@ -78,8 +78,10 @@ def removed_primes(plan: Mapping[ChannelGroup, Sequence[int]]) -> set[int]:
     return removed
 
 
-def keep_every_dim_nonempty(dep: DependencyGraph, plan: dict, scores: Mapping[int, "torch.Tensor"]) -> dict:
-    """Shrink ``plan`` until no tensor dim loses all its indices (restoring the best-scored channel each time)."""
+def keep_every_dim_nonempty(dep: DependencyGraph, plan: dict, scores: Mapping[int, "torch.Tensor"],
+                            round_to: int = 1) -> dict:
+    """Shrink ``plan`` until no tensor dim loses all its indices: each time, the best-scored removed channel of an
+    emptied dim comes back, with the next best of its group up to ``round_to`` so kept counts stay multiples."""
     plan = {g: sorted(set(int(i) for i in idx)) for g, idx in plan.items() if len(idx)}
     owner = {p: (g, i) for g in plan for i, p in enumerate(g.primes)}
     while True:
@@ -90,7 +92,9 @@ def keep_every_dim_nonempty(dep: DependencyGraph, plan: dict, scores: Mapping[in
         matrix = dep.key_matrix(empty)
         candidates = [owner[int(p)] for key in matrix for p in key if int(p) in resized.removed]
         group, index = max(candidates, key=lambda gi: float(scores[gi[0].index][gi[1]]))
-        plan[group] = [i for i in plan[group] if i != index]
+        others = sorted((i for i in plan[group] if i != index), key=lambda i: -float(scores[group.index][i]))
+        back = {index, *others[: round_to - 1]}
+        plan[group] = [i for i in plan[group] if i not in back]
 
 
 def _first_empty_dim(dep: DependencyGraph, resized: Resized):

@@ -39,7 +39,11 @@ def fresh(space: ElementSpace, size: int, label: str, frozen: str | None = None)
 
 
 def product(space: ElementSpace, parts: list[DimKeys], label: str) -> DimKeys:
-    """Keys of dims merged row-major: index (i, j) of (a, b) gets the concatenated key."""
+    """Keys of dims merged row-major: index (i, j) of (a, b) gets the concatenated key.
+
+    Size-1 parts add nothing (their one index can never go without emptying the dim) and are left out, so a
+    depthwise conv's (channel x 1) outputs keep plain channel keys that unify with its input's."""
+    parts = [p for p in parts if len(p) != 1] or parts[:1]
     size = math.prod(len(p) for p in parts)
     if size > MAX_PRODUCT:
         reason = f"merged dim too large to track at {label}"

@@ -328,3 +328,30 @@ def _freeze_through(w: Walk, node: fx.Node):
     for a in node.args:
         w.freeze_value(w.keys(a), f"{node.name}: unsupported form of {node.target}")
     return value_keys(w, node, node.name, frozen=f"{node.name}: unsupported form of {node.target}")
+
+
+@register_rule(aten.gather)
+def gather(w: Walk, node: fx.Node):
+    """gather(x, dim, index): the output has index's shape; x's other dims line up with index's where sizes match."""
+    x, index = w.keys(node.args[0]), w.keys(node.args[2])
+    dim = int(node.args[1]) % len(x.dims)
+    w.freeze_keys(w.dk(x, dim), f"{node.name}: gathered by index")
+    for d in range(len(x.dims)):
+        if d != dim and x.sizes[d] == index.sizes[d]:
+            w.unify(w.dk(x, d), w.dk(index, d), f"{node.name} (gather)")
+    return index
+
+
+def _no_grad_region(w: Walk, node: fx.Node):
+    """A torch.no_grad() region captured whole (HF rotary tables): its inputs and outputs keep their sizes."""
+    for arg in node.args:
+        w.freeze_value(w.keys(arg), f"{node.name}: computed in a no_grad region (e.g. rotary tables)")
+    return value_keys(w, node, node.name, frozen=f"{node.name}: computed in a no_grad region (e.g. rotary tables)")
+
+
+try:  # the higher-order op torch.export uses for `with torch.no_grad():` blocks
+    from torch._higher_order_ops.wrap import wrap_with_set_grad_enabled
+
+    register_rule(wrap_with_set_grad_enabled)(_no_grad_region)
+except ImportError:  # older torch: such regions are frozen as unknown ops
+    pass
