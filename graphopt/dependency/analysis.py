@@ -68,6 +68,7 @@ class DependencyGraph:
         self._kinds: dict[int, set[str]] | None = None
         self._by_tensor: dict[int, TensorKeys] = {}
         self._matrices: dict[int, tuple[list, np.ndarray | list]] = {}
+        self._roots: tuple[np.ndarray, np.ndarray] | None = None
         self._run()
         self.groups = self._build_groups()
 
@@ -135,35 +136,55 @@ class DependencyGraph:
         return value_keys(w, node, node.name, frozen=reason)
 
     def _build_groups(self) -> list[ChannelGroup]:
+        """Groups = connected atoms; each parameter row joins the group of every prime in its key (vectorized)."""
         space = self.walk.space
         graph = nx.Graph()
         graph.add_nodes_from(range(len(space.atoms)))
         graph.add_edges_from(space.links)
-        component = {atom: i for i, comp in enumerate(nx.connected_components(graph)) for atom in comp}
-        rows: dict[int, list[tuple[str, int, int, int]]] = defaultdict(list)  # component -> (param, dim, row, prime)
+        component = np.zeros(len(space.atoms), dtype=np.int64)
+        for i, comp in enumerate(nx.connected_components(graph)):
+            component[list(comp)] = i
+        slots, rows, primes, owners = [], [], [], []
         seen: set[int] = set()
         for name, tk in self.params.items():
             if tk is None or id(tk) in seen:  # an alias of a tensor already listed
                 continue
             seen.add(id(tk))
             for d, keys in enumerate(tk.dims):
-                for r, key in enumerate(keys):
-                    for p in space.normalize(key):
-                        rows[component[space.atom_of[p]]].append((name, d, r, p))
-        return [self._group(i, entries) for i, entries in enumerate(rows.values())]
+                r, p = self._rows_and_primes(keys)
+                slots.append((name, d))
+                rows.append(r)
+                primes.append(p)
+                owners.append(np.full(len(r), len(slots) - 1, dtype=np.int64))
+        if not slots:
+            return []
+        rows, primes, owners = np.concatenate(rows), np.concatenate(primes), np.concatenate(owners)
+        comp = component[np.asarray(space.atom_of, dtype=np.int64)[primes]]
+        order = np.argsort(comp, kind="stable")
+        bounds = np.flatnonzero(np.diff(comp[order])) + 1
+        return [self._group(i, slots, rows[idx], primes[idx], owners[idx])
+                for i, idx in enumerate(np.split(order, bounds))]
 
-    def _group(self, index: int, entries: list[tuple[str, int, int, int]]) -> ChannelGroup:
+    def _rows_and_primes(self, keys: list) -> tuple[np.ndarray, np.ndarray]:
+        """For each (row, prime) pair of a dim: the row index and the prime, flattened."""
+        matrix = self.key_matrix(keys)
+        if isinstance(matrix, np.ndarray):
+            return np.repeat(np.arange(matrix.shape[0]), matrix.shape[1]), matrix.ravel()
+        pairs = [(r, p) for r, key in enumerate(matrix) for p in key]
+        return np.array([r for r, _ in pairs], dtype=np.int64), np.array([p for _, p in pairs], dtype=np.int64)
+
+    def _group(self, index: int, slots, rows: np.ndarray, primes: np.ndarray, owners: np.ndarray) -> ChannelGroup:
         space = self.walk.space
-        primes = sorted({p for *_, p in entries})
-        position = {p: i for i, p in enumerate(primes)}
-        by_slot: dict[tuple[str, int], list[tuple[int, int]]] = defaultdict(list)
-        for name, d, r, p in entries:
-            by_slot[(name, d)].append((r, position[p]))
-        members = [Member(name, d, np.array([r for r, _ in v]), np.array([c for _, c in v]))
-                   for (name, d), v in by_slot.items()]
-        frozen = {position[p]: space.frozen[p] for p in primes if p in space.frozen}
-        labels = sorted({space.atoms[space.atom_of[p]].label for p in primes})
-        return ChannelGroup(index, primes, members, frozen, labels)
+        unique, channel = np.unique(primes, return_inverse=True)
+        members = []
+        for owner in np.unique(owners):
+            mask = owners == owner
+            name, d = slots[owner]
+            members.append(Member(name, d, rows[mask], channel[mask]))
+        plist = unique.tolist()
+        frozen = {i: space.frozen[p] for i, p in enumerate(plist) if p in space.frozen}
+        labels = sorted({space.atoms[space.atom_of[p]].label for p in plist[:64]})
+        return ChannelGroup(index, plist, members, frozen, labels)
 
     def group_kind(self, group: ChannelGroup) -> str:
         """'heads' or 'head_dim' for attention groups, 'channels' for everything else."""
@@ -181,11 +202,30 @@ class DependencyGraph:
         Cached per dim (normalization is final once the analysis is done)."""
         cached = self._matrices.get(id(keys))
         if cached is None or cached[0] is not keys:
-            norm = [self.walk.space.normalize(k) for k in keys]
-            widths = {len(k) for k in norm}
-            matrix = np.array(norm, dtype=np.int64).reshape(len(norm), -1) if len(widths) == 1 else norm
-            cached = self._matrices[id(keys)] = (keys, matrix)
+            cached = self._matrices[id(keys)] = (keys, self._normalized(keys))
         return cached[1]
+
+    def _normalized(self, keys: list) -> np.ndarray | list:
+        roots, factored = self._root_table()
+        if all(len(k) == 1 for k in keys):  # the common case: plain keys whose roots are primes
+            ids = roots[np.fromiter((k[0] for k in keys), dtype=np.int64, count=len(keys))]
+            if not factored.size or not np.isin(ids, factored).any():
+                return ids.reshape(-1, 1)
+        norm = [self.walk.space.normalize(k) for k in keys]
+        widths = {len(k) for k in norm}
+        return np.array(norm, dtype=np.int64).reshape(len(norm), -1) if len(widths) == 1 else norm
+
+    def _root_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every element's root (numpy pointer jumping) and the factored roots; computed once, after the walk."""
+        if self._roots is None:
+            parent = np.asarray(self.walk.space.parent, dtype=np.int64)
+            while True:
+                jumped = parent[parent]
+                if np.array_equal(jumped, parent):
+                    break
+                parent = jumped
+            self._roots = (parent, np.fromiter(self.walk.space.factor, dtype=np.int64))
+        return self._roots
 
     @property
     def prunable_groups(self) -> list[ChannelGroup]:

@@ -25,7 +25,8 @@ class Resized:
 
     def __init__(self, dep: DependencyGraph, removed: set[int]):
         self.dep, self.removed = dep, removed
-        self._removed = np.fromiter(removed, dtype=np.int64, count=len(removed))
+        self._removed = np.zeros(len(dep.walk.space.parent), dtype=bool)  # lookup table: prime id -> removed?
+        self._removed[np.fromiter(removed, dtype=np.int64, count=len(removed))] = True
         self._masks: dict[int, tuple[list, np.ndarray]] = {}
 
     def kept(self, keys) -> np.ndarray:
@@ -35,7 +36,7 @@ class Resized:
             return cached[1]
         matrix = self.dep.key_matrix(keys)
         if isinstance(matrix, np.ndarray):
-            mask = ~np.isin(matrix, self._removed).any(axis=1)
+            mask = ~self._removed[matrix].any(axis=1)
         else:
             mask = np.array([not any(p in self.removed for p in k) for k in matrix], dtype=bool)
         self._masks[id(keys)] = (keys, mask)
