@@ -14,10 +14,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
-import os
-import shlex
 import sys
 from pathlib import Path
 
@@ -28,6 +25,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import graphopt  # noqa: E402
 from models import CNN_NAMES, build  # noqa: E402
+from benchkit import geomean, provenance, publish  # noqa: E402
 
 WARMUP = 10
 COLUMNS = ("model", "BN folded", "params before → after", "MMACs", "eager ms", "traced ms", "fused ms",
@@ -76,20 +74,15 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def geomean(xs: list[float]) -> float:
-    """Geometric mean (1.0 for an empty list)."""
-    return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else 1.0
-
-
 def reading(rows: list[dict]) -> str:
     """One paragraph interpreting the numbers, computed from them so it stays true on a rerun."""
     fused = [r for r in rows if r["folded"]]
     controls = [r["model"] for r in rows if not r["folded"]]
     speed = {r["model"]: r["eager"] / r["fused"] for r in fused}
-    slower = geomean([r["traced"] / r["eager"] for r in rows]) - 1
+    slower = geomean([r["traced"] / r["eager"] for r in rows], 1.0) - 1
     small = [m for m, s in speed.items() if s < 1.05]
     text = (f"Over the {len(fused)} models with folded BatchNorms, eager/fused speedup is "
-            f"{geomean(list(speed.values())):.2f}x (geometric mean), from {min(speed.values(), default=1):.2f}x "
+            f"{geomean(list(speed.values()), 1.0):.2f}x (geometric mean), from {min(speed.values(), default=1):.2f}x "
             f"({min(speed, key=speed.get, default='-')}) to {max(speed.values(), default=1):.2f}x "
             f"({max(speed, key=speed.get, default='-')}); traced/fused, the gain of folding alone, is "
             f"{geomean([r['traced'] / r['fused'] for r in fused]):.2f}x. Tracing by itself makes the graph "
@@ -110,16 +103,11 @@ def reading(rows: list[dict]) -> str:
 
 def header(args: argparse.Namespace) -> str:
     """Provenance lines: command, date, versions, settings, CPU."""
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), "unknown")
-    command = shlex.join([os.path.relpath(sys.executable), *sys.argv])
-    return "\n".join([
-        "# Conv-BN fusion: eager CPU latency before/after `fuse`", "",
-        f"- command: `{command}`", f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+    return provenance(
+        "Conv-BN fusion: eager CPU latency before/after `fuse`",
         f"- torch: {torch.__version__}", f"- threads: {args.threads}", f"- batch: {args.batch}",
         f"- repeats: {args.repeats} interleaved rounds after {WARMUP} warmup calls each (medians shown)",
-        f"- CPU: {cpu} ({os.cpu_count()} logical CPUs visible)",
-    ])
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -130,11 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(bench_model(name.strip(), args.batch, args.threads, args.repeats))
         print(f"{name}: {rows[-1]['folded']} BN folded, params {rows[-1]['params'][0]:,} -> "
               f"{rows[-1]['params'][1]:,}", file=sys.stderr)
-    report = f"{header(args)}\n\n{table(rows)}\n\n{reading(rows)}\n"
-    print(report)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report)
+    publish(f"{header(args)}\n\n{table(rows)}\n\n{reading(rows)}\n", args.out)
 
 
 if __name__ == "__main__":

@@ -25,11 +25,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
-import math
 import os
-import shlex
 import statistics
 import subprocess
 import sys
@@ -46,6 +43,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "bench")]
 
 import big_models  # noqa: E402
 import graphopt  # noqa: E402
+from benchkit import geomean, provenance, publish  # noqa: E402
 from graphopt.inputs import ExampleInputs, flat_outputs  # noqa: E402
 from graphopt.passes.channel_prune import PruneChannels  # noqa: E402
 from models import NAMES, build  # noqa: E402
@@ -295,11 +293,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def geomean(xs: list[float]) -> float:
-    """Geometric mean (nan for an empty list)."""
-    return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else float("nan")
-
-
 def successes(rows: list[dict], tool: str) -> list[str]:
     """Models that ``tool`` pruned successfully."""
     return [r["model"] for r in rows if r["res"].get(tool, {}).get("status") == "ok"]
@@ -370,23 +363,18 @@ def versions() -> str:
 
 def header(args: argparse.Namespace) -> str:
     """Provenance lines: command, date, versions, settings, CPU, and how each tool was called."""
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), "unknown")
-    command = shlex.join([os.path.relpath(sys.executable), *sys.argv])
-    return "\n".join([
-        "# Channel pruning: graphopt vs Torch-Pruning", "",
-        f"- command: `{command}`", f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+    return provenance(
+        "Channel pruning: graphopt vs Torch-Pruning",
         f"- versions: {versions()}", f"- threads: {args.threads}; ratio: {args.ratio}; importance: L2, local",
         f"- prune time: median of {PRUNE_RUNS} runs; timeout {args.timeout} s per attempt",
         f"- latency: batch 1, {args.repeats} interleaved rounds after {WARMUP} warmup calls each (medians)",
-        f"- CPU: {cpu} ({os.cpu_count()} logical CPUs visible)",
         f"- graphopt: `graphopt.optimize(model, [PruneChannels(ratio=RATIO, importance=\"l2\")], example_inputs)`",
         f"- tp: {TP_CALL}",
         *([f"- warning: {args.threads} threads on {os.cpu_count()} logical CPUs: any other load on the machine "
             "stalls the intra-op thread team and latencies become erratic"] if args.threads >= os.cpu_count() else []),
         "- columns: params/MACs after pruning as % of the original (MACs at batch 1); speedup = original latency / "
         "pruned latency; real = speedup / MAC-reduction factor (how much of the theoretical gain is real)",
-    ])
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -398,11 +386,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in (n.strip() for n in args.models.split(",")):
         rows.append(bench_model(name, args))
         print(f"{name}: " + ", ".join(f"{t} {r['status']}" for t, r in rows[-1]["res"].items()), file=sys.stderr)
-    report = f"{header(args)}\n\n{table(rows)}\n\n{summary(rows)}\n\n{reading(rows)}\n"
-    print(report)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report)
+    publish(f"{header(args)}\n\n{table(rows)}\n\n{summary(rows)}\n\n{reading(rows)}\n", args.out)
 
 
 if __name__ == "__main__":
