@@ -22,12 +22,18 @@ def attr_value(gm: fx.GraphModule, node: fx.Node | None) -> torch.Tensor | None:
         return None
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         raise TypeError(f"expected a get_attr node, got {node}")
-    return _resolve(gm, node.target)
+    return resolve(gm, node.target)
 
 
-def _resolve(root: nn.Module, qualified: str):
+def owner_and_leaf(root: nn.Module, qualified: str) -> tuple[nn.Module, str]:
+    """The module holding attribute ``qualified`` ("layer1.0.conv.weight") and the attribute's own name."""
     owner, _, leaf = qualified.rpartition(".")
-    return getattr(root.get_submodule(owner) if owner else root, leaf)
+    return (root.get_submodule(owner) if owner else root), leaf
+
+
+def resolve(root: nn.Module, qualified: str):
+    """The attribute (parameter, buffer, constant, module) at a qualified name."""
+    return getattr(*owner_and_leaf(root, qualified))
 
 
 def set_parameter(gm: fx.GraphModule, qualified: str, value: torch.Tensor) -> None:
@@ -59,7 +65,7 @@ def free_attr_name(gm: fx.GraphModule, wanted: str) -> str:
 
 def _exists(gm: fx.GraphModule, qualified: str) -> bool:
     try:
-        return _resolve(gm, qualified) is not None  # nn.Conv2d(bias=False) keeps a free `bias = None` slot
+        return resolve(gm, qualified) is not None  # nn.Conv2d(bias=False) keeps a free `bias = None` slot
     except AttributeError:
         return False
 
@@ -85,8 +91,7 @@ def remove_unused_attrs(gm: fx.GraphModule) -> list[str]:
     for name in [n for n, _ in gm.named_parameters(remove_duplicate=False)] + [n for n, _ in gm.named_buffers()]:
         if name in used or name.startswith(opaque) or any(u.startswith(name + ".") for u in used):
             continue
-        owner_name, _, leaf = name.rpartition(".")
-        owner = gm.get_submodule(owner_name) if owner_name else gm
+        owner, leaf = owner_and_leaf(gm, name)
         owner._parameters.pop(leaf, None)
         owner._buffers.pop(leaf, None)
         removed.append(name)

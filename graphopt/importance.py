@@ -11,18 +11,12 @@ from typing import Callable, Iterable
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
 
 from graphopt.dependency.analysis import ChannelGroup
-from graphopt.graph_utils import is_op
+from graphopt.graph_utils import is_op, resolve
 from graphopt.inputs import ExampleInputs, flat_outputs
 
 CRITERIA = ("l1", "l2", "bn-scale", "taylor", "random")
-
-
-def _tensor(gm: fx.GraphModule, name: str) -> torch.Tensor:
-    owner, _, leaf = name.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, leaf)
 
 
 def _row_scores(values: torch.Tensor, dim: int, power: int) -> torch.Tensor:
@@ -82,7 +76,7 @@ def group_scores(gm: fx.GraphModule, groups: list[ChannelGroup], criterion: str,
     if criterion not in CRITERIA:
         raise ValueError(f"unknown importance '{criterion}'; choose one of {', '.join(CRITERIA)}")
     trainable = {name for name, p in gm.named_parameters()}
-    weights = lambda name: _tensor(gm, name) if name in trainable else None  # noqa: E731
+    weights = lambda name: resolve(gm, name) if name in trainable else None  # noqa: E731
     if criterion == "random":
         gen = torch.Generator().manual_seed(seed)
         return {g.index: torch.rand(g.size, generator=gen, dtype=torch.float64) for g in groups}
@@ -95,10 +89,6 @@ def group_scores(gm: fx.GraphModule, groups: list[ChannelGroup], criterion: str,
         gammas = bn_weights(gm)
         for g in groups:
             if set(g.params()) & gammas:
-                scores[g.index] = aggregate(gm, g, lambda n: _tensor(gm, n) if n in gammas else None, 1)
+                scores[g.index] = aggregate(gm, g, lambda n: resolve(gm, n) if n in gammas else None, 1)
     return scores
 
-
-def is_parameter(gm: fx.GraphModule, name: str) -> bool:
-    """True if ``name`` is a trainable parameter of ``gm``."""
-    return isinstance(_tensor(gm, name), nn.Parameter)

@@ -97,14 +97,14 @@ class PruneChannels(Pass):
         return keep_every_dim_nonempty(dep, plan, scores, self.round_to)
 
     def _eligible(self, group: ChannelGroup, dep: DependencyGraph) -> bool:
-        if any(fnmatch.fnmatch(p, pat) or fnmatch.fnmatch(p, pat + ".*") for p in group.params() for pat in self.ignore):
+        if any(_matches(p, pat) for p in group.params() for pat in self.ignore):
             return False
         kind = dep.group_kind(group)
         return kind == "channels" or self.attention in ("both", kind)
 
     def _ratio_of(self, group: ChannelGroup, default: float) -> float:
         for pattern, r in self.ratios:
-            if any(fnmatch.fnmatch(p, pattern) or fnmatch.fnmatch(p, pattern + ".*") for p in group.params()):
+            if any(_matches(p, pattern) for p in group.params()):
                 return 1 - (1 - r) ** (1 / self.steps)
         return default
 
@@ -152,6 +152,11 @@ def _warn_unknown(dep: DependencyGraph) -> None:
                       GraphoptWarning, stacklevel=2)
 
 
+def _matches(name: str, pattern: str) -> bool:
+    """A parameter name matches a pattern naming it or a module that owns it ('layer1.0.conv1' matches its weight)."""
+    return fnmatch.fnmatch(name, pattern) or fnmatch.fnmatch(name, pattern + ".*")
+
+
 def _check_ratio(what: str, r: float) -> None:
     if not 0 <= r < 1:
         raise PipelineError(f"prune-channels: {what} must be in [0, 1), got {r}")
@@ -160,6 +165,6 @@ def _check_ratio(what: str, r: float) -> None:
 def _check_patterns(gm: fx.GraphModule, patterns: tuple) -> None:
     names = [n for n, _ in gm.named_parameters()] + [n for n, _ in gm.named_buffers()]
     for pat in patterns:
-        if not any(fnmatch.fnmatch(n, pat) or fnmatch.fnmatch(n, pat + ".*") for n in names):
+        if not any(_matches(n, pat) for n in names):
             raise PipelineError(f"prune-channels: no parameter matches '{pat}' (ignore/ratios name modules or "
                                 f"parameters by qualified name, e.g. 'layer1.0.conv1' or 'blocks.*.attn')")

@@ -14,6 +14,7 @@ import graphopt.dependency.rules_layers  # noqa: F401
 import graphopt.dependency.rules_shape  # noqa: F401
 from graphopt.dependency.keys import TensorKeys
 from graphopt.dependency.walk import Walk, param_keys, rule_for, value_keys
+from graphopt.graph_utils import resolve
 
 _SKIP_MODULES = ("_guards_fn",)
 
@@ -95,8 +96,7 @@ class DependencyGraph:
     def _param(self, node: fx.Node) -> TensorKeys | None:
         """Keys of a get_attr value; names aliasing one tensor (tied weights) share them."""
         if node.target not in self.params:
-            owner, _, leaf = node.target.rpartition(".")
-            value = getattr(self.gm.get_submodule(owner) if owner else self.gm, leaf, None)
+            value = resolve(self.gm, node.target)
             shared = self._by_tensor.get(id(value))
             self.params[node.target] = shared if shared is not None else param_keys(self.gm, node)
             if value is not None:

@@ -18,6 +18,7 @@ from graphopt.dependency.analysis import ChannelGroup, DependencyGraph
 from graphopt.dependency.keys import TensorKeys
 from graphopt.dependency.walk import rule_for
 from graphopt.errors import PassError
+from graphopt.graph_utils import owner_and_leaf, resolve
 
 
 class Resized:
@@ -153,8 +154,7 @@ def _shapes_changed(node: fx.Node, resized: Resized) -> bool:
 
 def _slice_attr(gm: fx.GraphModule, names: list[str], masks: list) -> None:
     """Slice one tensor by the kept masks and store the result under every name that aliases it."""
-    value = _owner_leaf(gm, names[0])
-    value = getattr(*value)
+    value = resolve(gm, names[0])
     out = value.detach()
     for d, mask in enumerate(masks):
         if mask is not None and not mask.all():
@@ -164,13 +164,8 @@ def _slice_attr(gm: fx.GraphModule, names: list[str], masks: list) -> None:
     out = out.contiguous()  # index_select already made a new tensor: no clone needed
     new = nn.Parameter(out, requires_grad=value.requires_grad) if isinstance(value, nn.Parameter) else out
     for name in names:
-        owner, leaf = _owner_leaf(gm, name)
+        owner, leaf = owner_and_leaf(gm, name)
         if isinstance(new, nn.Parameter) or leaf not in owner._buffers:
             setattr(owner, leaf, new)  # a parameter, or a plain tensor constant torch.export lifted
         else:
             owner.register_buffer(leaf, new, persistent=leaf not in owner._non_persistent_buffers_set)
-
-
-def _owner_leaf(gm: fx.GraphModule, name: str) -> tuple[nn.Module, str]:
-    owner_name, _, leaf = name.rpartition(".")
-    return (gm.get_submodule(owner_name) if owner_name else gm), leaf

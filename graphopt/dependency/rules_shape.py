@@ -66,16 +66,13 @@ def reshaped(w: Walk, x, out: tuple, name: str):
     return w.tensor(dims, name)
 
 
-@register_rule(aten.view, aten.reshape, aten._unsafe_view, rewrite=_sizes_rewrite(1))
+@register_rule(aten.flatten, aten.unsqueeze, aten.squeeze)  # reshapes that bake no sizes
 def view(w: Walk, node: fx.Node):
-    """view/reshape to the recorded output shape."""
+    """view/reshape/flatten/unflatten/(un)squeeze: a reshape of the input to the recorded output shape."""
     return reshaped(w, w.keys(node.args[0]), shape(node), node.name)
 
 
-@register_rule(aten.flatten, aten.unsqueeze, aten.squeeze)
-def flatten_like(w: Walk, node: fx.Node):
-    """flatten/unsqueeze/squeeze are reshapes that bake no sizes."""
-    return reshaped(w, w.keys(node.args[0]), shape(node), node.name)
+register_rule(aten.view, aten.reshape, aten._unsafe_view, rewrite=_sizes_rewrite(1))(view)
 
 
 def _unflatten_rewrite(node: fx.Node, resized) -> None:
@@ -83,10 +80,7 @@ def _unflatten_rewrite(node: fx.Node, resized) -> None:
     node.args = (node.args[0], node.args[1], list(resized.new_shape(node)[dim: dim + k]), *node.args[3:])
 
 
-@register_rule(aten.unflatten, rewrite=_unflatten_rewrite)
-def unflatten(w: Walk, node: fx.Node):
-    """unflatten(x, dim, sizes): a reshape; its sizes follow the new shape."""
-    return reshaped(w, w.keys(node.args[0]), shape(node), node.name)
+register_rule(aten.unflatten, rewrite=_unflatten_rewrite)(view)
 
 
 @register_rule(aten.permute)

@@ -16,6 +16,7 @@ import torch.fx as fx
 
 from graphopt.dependency.elements import ElementSpace
 from graphopt.dependency.keys import DimKeys, TensorKeys, fresh
+from graphopt.graph_utils import resolve
 
 RuleFn = Callable[["Walk", fx.Node], Any]
 RewriteFn = Callable[[fx.Node, Callable[[fx.Node], tuple]], None]
@@ -137,8 +138,7 @@ def value_keys(w: Walk, node: fx.Node, label: str, frozen: str | None = None) ->
 
 def param_keys(gm: fx.GraphModule, node: fx.Node) -> TensorKeys | None:
     """Unbound keys for a ``get_attr`` tensor: each dim gets keys when a rule first binds it."""
-    owner, _, leaf = node.target.rpartition(".")
-    value = getattr(gm.get_submodule(owner) if owner else gm, leaf)
+    value = resolve(gm, node.target)
     if not isinstance(value, torch.Tensor):
         return None
     return TensorKeys([None] * value.dim(), node.target, tuple(value.shape))
