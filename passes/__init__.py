@@ -1,5 +1,12 @@
-"""Built-in passes, one module each; importing this package registers them by name."""
+"""Built-in passes, one module each; importing this package registers them by name.
 
-from graphopt.passes import channel_prune, dce, fuse, remove_identity  # noqa: F401
+Every module in this folder is imported, so a new pass only needs its own file: no list to keep in step.
+"""
 
-BUILTIN_MODULES = ("channel_prune", "dce", "fuse", "remove_identity")
+import importlib
+import pkgutil
+
+BUILTIN_MODULES = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")))
+
+for _name in BUILTIN_MODULES:
+    importlib.import_module(f"{__name__}.{_name}")
