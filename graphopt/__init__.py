@@ -4,6 +4,7 @@ from graphopt.api import OptimizeResult, optimize
 from graphopt.errors import (
     GraphoptError, GraphoptWarning, InputError, PassError, PipelineError, TraceError, VerifyError,
 )
+from graphopt.export import ExportError, ExportReport, export_onnx
 from graphopt.lower import lower
 from graphopt.metrics import count_macs, count_params, measure_latency, model_bytes, paired_latency
 from graphopt.pipeline import Context, Pass, PassManager, PassResult
@@ -14,8 +15,9 @@ from graphopt.trace import trace
 import graphopt.passes  # noqa: E402,F401  (registers the built-in passes)
 
 __all__ = [
-    "Context", "GraphoptError", "GraphoptWarning", "InputError", "OptimizeResult", "Pass", "PassError", "PassManager", "PassRecord",
+    "Context", "ExportError", "ExportReport", "GraphoptError", "GraphoptWarning", "InputError", "OptimizeResult", "Pass", "PassError", "PassManager", "PassRecord",
     "PassResult", "PipelineError", "Report", "TraceError", "VerifyError", "count_macs", "count_params",
+    "export_onnx",
     "lower", "measure_latency", "model_bytes", "optimize", "paired_latency", "parse_pipeline", "register_pass",
     "registered_passes", "trace",
 ]
