@@ -1,0 +1,262 @@
+"""``sparsify``: magnitude sparsity with patterns, held as masks until lowering.
+
+Which weights: the weight (argument 1) of every ``aten.linear`` and ``aten.conv1d/2d/3d`` node that reads it
+through a ``get_attr`` node. Left dense (listed in ``stats['skipped']`` with the reason): weights that are also read
+by other ops (an embedding tied to an output head), parameters held under several names, biases, norms, embeddings,
+names matched by ``ignore``, the output layers with ``skip_output=True`` (layers from which no other linear/conv is
+reachable: a classifier head, an LM head), and with ``skip_unfit=True`` layers the pattern cannot fit.
+
+Patterns and the matrix view they apply to: see graphopt/sparsity.py (``unstructured``, ``RxC`` blocks such as
+``8x1``/``16x1``/``1x4`` with a ragged last block, ``N:M`` such as ``2:4`` whose sparsity is fixed at 1 - N/M).
+Thresholds are layer-wise (every layer reaches ``sparsity``) or, with ``global_threshold=True``, one magnitude
+threshold over all layers pooled (overall sparsity reaches ``sparsity``; layers with smaller weights lose more).
+Layers given their own value in ``sparsities`` and N:M layers always use their own, layer-wise.
+``steps > 1`` reaches the target on the cubic schedule of Zhu & Gupta (2017) and calls ``finetune(gm, step)``
+between steps; from a training loop of your own call ``Sparsify(...).apply(gm, progress)`` instead.
+
+Contract with lowering (``lower-sparse``) and with training code:
+- each sparsified weight ``<owner>.<leaf>`` is a torch.nn.utils.parametrize parametrization on its owner module
+  inside the GraphModule: ``owner.parametrizations.<leaf>`` holds ``original`` (the dense Parameter the
+  optimizer trains) and a ``graphopt.sparsity.WeightMask`` with a bool buffer ``mask`` (True = kept) and a
+  ``pattern`` string. Reading ``owner.<leaf>`` (as the graph's get_attr node does) gives ``original * mask``.
+- the graph itself is unchanged (no new nodes): FakeTensor verification, ``graphopt.lower`` and ``torch.export``
+  of the module see the masked weight. Pruned weights read as exact zeros and receive zero gradients, so
+  fine-tuning (loss.backward + optimizer.step) keeps them zero; masks never revive a pruned weight.
+- ``graphopt.sparsity.weight_masks(gm)`` lists them; ``graphopt.sparsity.bake_masks(gm)`` replaces them by plain
+  parameters equal to ``original * mask`` (remove_parametrizations with leave_parametrized=True, made safe for deep
+  copies, which share parametrized classes in torch). A parametrized module cannot be pickled whole
+  (``torch.save(gm)``): save its ``state_dict`` or bake first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+import torch.fx as fx
+
+from graphopt.errors import InputError, PassError, PipelineError
+from graphopt.graph_utils import is_op, resolve
+from graphopt.passes.channel_prune import _matches
+from graphopt.pipeline import Context, Pass, PassResult
+from graphopt.registry import register_pass
+from graphopt.sparsity import (
+    Pattern, achieved_sparsity, block_scores, cubic_sparsity, element_scores, expand_blocks, nm_keep,
+    register_mask, select_lowest, weight_masks, weight_matrix,
+)
+
+aten = torch.ops.aten
+LAYER_OPS = (aten.linear, aten.conv1d, aten.conv2d, aten.conv3d)
+
+
+@register_pass
+@dataclass(frozen=True)
+class Sparsify(Pass):
+    """Zero the lowest-magnitude weights (or blocks) of linear/conv layers through persistent masks."""
+
+    name: ClassVar[str] = "sparsify"
+    before: ClassVar = ("lower-sparse",)
+    sparsity: float | None = None  # default 0.5; N:M patterns fix theirs at 1 - N/M
+    pattern: str = "unstructured"
+    global_threshold: bool = False
+    sparsities: tuple = ()  # ((name pattern, sparsity), ...): per-layer targets, first match wins
+    patterns: tuple = ()  # ((name pattern, pattern), ...): per-layer patterns, first match wins
+    ignore: tuple = ()  # fnmatch patterns of layers or weights left dense
+    skip_output: bool = False
+    skip_unfit: bool = False
+    steps: int = 1
+    initial_sparsity: float = 0.0
+    finetune: Callable | None = None  # finetune(gm, step) between steps
+
+    def __post_init__(self):
+        for pat in self.patterns:
+            _parse(pat[1])
+        fixed = _parse(self.pattern).fixed_sparsity
+        if self.sparsity is not None:
+            _check_sparsity("sparsity", self.sparsity)
+            if fixed is not None and abs(self.sparsity - fixed) > 1e-9:
+                raise PipelineError(f"sparsify: pattern '{self.pattern}' fixes the sparsity at {fixed:g}; leave "
+                                    f"'sparsity' unset or use a block pattern")
+        for name, s in self.sparsities:
+            _check_sparsity(f"sparsity for '{name}'", s)
+        _check_sparsity("initial_sparsity", self.initial_sparsity)
+        if self.steps < 1:
+            raise PipelineError(f"sparsify: steps must be >= 1, got {self.steps}")
+
+    @property
+    def target(self) -> float:
+        """The sparsity asked for the layers without an override (0.5 unless set; 1 - N/M for N:M)."""
+        fixed = Pattern.parse(self.pattern).fixed_sparsity
+        return fixed if fixed is not None else (0.5 if self.sparsity is None else self.sparsity)
+
+    def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
+        _check_names(gm, self.ignore + tuple(p for p, _ in self.sparsities) + tuple(p for p, _ in self.patterns))
+        modified, stats = False, {}
+        for step in range(1, self.steps + 1):
+            changed, stats = self._apply(gm, step / self.steps)
+            modified |= changed
+            if self.finetune is not None and step < self.steps:
+                self.finetune(gm, step - 1)
+        return PassResult(gm, modified=modified, stats={**stats, "steps": self.steps})
+
+    def apply(self, gm: fx.GraphModule, progress: float = 1.0) -> dict:
+        """Set the masks of ``gm`` (in place) to where the cubic schedule stands at ``progress`` in [0, 1].
+
+        For fine-tuning loops of your own: call it every few optimizer steps with ``progress = step / total``;
+        returns the same stats as the pass.
+        """
+        _check_names(gm, self.ignore + tuple(p for p, _ in self.sparsities) + tuple(p for p, _ in self.patterns))
+        return self._apply(gm, progress)[1]
+
+    def _apply(self, gm: fx.GraphModule, progress: float) -> tuple[bool, dict]:
+        layers, skipped = self._layers(gm)
+        keeps = self._plan(gm, layers, progress)
+        changed = False
+        for name, keep in keeps.items():
+            changed |= register_mask(gm, name, keep.reshape(resolve(gm, name).shape), str(layers[name][0]))
+        return changed, self._stats(gm, layers, skipped)
+
+    def _layers(self, gm: fx.GraphModule) -> tuple[dict[str, tuple[Pattern, float]], dict[str, str]]:
+        """{weight name: (pattern, final sparsity)} of the layers to sparsify; {weight name: reason} of the rest."""
+        candidates, skipped = find_layers(gm, skip_output=self.skip_output)
+        layers = {}
+        for name in candidates:
+            if any(_matches(name, pat) for pat in self.ignore):
+                skipped[name] = "ignored"
+                continue
+            pattern = Pattern.parse(_first(self.patterns, name, self.pattern))
+            fixed = pattern.fixed_sparsity
+            target = fixed if fixed is not None else _first(self.sparsities, name, None)
+            cols = weight_matrix(resolve(gm, name)).shape[1]
+            if pattern.is_nm and cols % pattern.m:
+                if not self.skip_unfit:
+                    raise PassError(
+                        f"sparsify: pattern '{pattern}' does not fit layer '{name}': its {cols} inputs per output are "
+                        f"not a multiple of {pattern.m}; ignore it (ignore=['{_owner(name)}']), give it another "
+                        f"pattern (patterns=[('{_owner(name)}', 'unstructured')]) or set skip_unfit=True")
+                skipped[name] = f"pattern {pattern} does not fit {cols} inputs"
+                continue
+            layers[name] = (pattern, target)
+        return layers, skipped
+
+    def _plan(self, gm: fx.GraphModule, layers: dict, progress: float) -> dict[str, torch.Tensor]:
+        """Keep-masks (matrix form) of every layer at ``progress`` along the schedule."""
+        masks = weight_masks(gm)
+        scores = {name: element_scores(resolve(gm, name), masks[name].mask if name in masks else None)
+                  for name in layers}
+        at = lambda final: cubic_sparsity(progress, 1, final, min(self.initial_sparsity, final))  # noqa: E731
+        keeps, pooled = {}, []
+        for name, (pattern, target) in layers.items():
+            if pattern.is_nm:
+                keeps[name] = nm_keep(scores[name], pattern, name)
+            elif target is not None or not self.global_threshold:
+                final = self.target if target is None else target
+                means, sizes = block_scores(scores[name], pattern)
+                drop = select_lowest(means, sizes, at(final) * scores[name].numel()).reshape(means.shape)
+                keeps[name] = expand_blocks(~drop, pattern, scores[name].shape)
+            else:
+                pooled.append(name)
+        keeps.update(self._global(pooled, layers, scores, at(self.target)))
+        for name in keeps:
+            if name in masks:  # monotone: what a mask dropped stays dropped
+                keeps[name] = keeps[name] & weight_matrix(masks[name].mask)
+        return keeps
+
+    @staticmethod
+    def _global(names: list[str], layers: dict, scores: dict, sparsity: float) -> dict[str, torch.Tensor]:
+        """One ranking of the blocks of every pooled layer: the lowest mean magnitudes go, wherever they are."""
+        if not names:
+            return {}
+        blocks = {n: block_scores(scores[n], layers[n][0]) for n in names}
+        all_means = torch.cat([m.flatten() for m, _ in blocks.values()])
+        all_sizes = torch.cat([s.flatten() for _, s in blocks.values()])
+        drop = select_lowest(all_means, all_sizes, sparsity * float(all_sizes.sum()))
+        keeps, start = {}, 0
+        for n, (means, _) in blocks.items():
+            part = drop[start:start + means.numel()].reshape(means.shape)
+            keeps[n] = expand_blocks(~part, layers[n][0], scores[n].shape)
+            start += means.numel()
+        return keeps
+
+    @staticmethod
+    def _stats(gm: fx.GraphModule, layers: dict, skipped: dict) -> dict:
+        per_layer = {name: round(achieved_sparsity(resolve(gm, name)), 6) for name in layers}
+        zeros = sum(round(s * resolve(gm, n).numel()) for n, s in per_layer.items())
+        total = sum(resolve(gm, n).numel() for n in layers)
+        params = sum(p.numel() for p in gm.parameters())
+        return {"sparsity": round(zeros / max(total, 1), 6), "model_sparsity": round(zeros / max(params, 1), 6),
+                "layers_sparsified": len(layers), "zeros": zeros, "per_layer": per_layer, "skipped": skipped}
+
+
+def find_layers(gm: fx.GraphModule, *, skip_output: bool = False) -> tuple[list[str], dict[str, str]]:
+    """Weight names of the linear/conv layers that may be sparsified (graph order) and {name: reason} of the rest."""
+    layer_nodes = [n for n in gm.graph.nodes if is_op(n, *LAYER_OPS) and len(n.args) > 1
+                   and isinstance(n.args[1], fx.Node) and n.args[1].op == "get_attr"]
+    layer_set = set(layer_nodes)
+    only_weight: dict[str, bool] = {}  # is this attribute read as a layer weight and nothing else?
+    for n in gm.graph.nodes:
+        for user in n.users if n.op == "get_attr" else ():
+            fine = user in layer_set and user.args[1] is n and sum(a is n for a in user.args) == 1
+            only_weight[n.target] = only_weight.get(n.target, True) and fine
+    aliases = _alias_names(gm)
+    outputs = _output_layers(gm, layer_nodes) if skip_output else set()
+    names, skipped = [], {}
+    for node in layer_nodes:
+        name = node.args[1].target
+        if name in names or name in skipped:
+            continue
+        if not only_weight.get(name, False):
+            skipped[name] = "also read by other ops"
+        elif len(aliases.get(name, ())) > 1:
+            skipped[name] = f"shared with {', '.join(a for a in aliases[name] if a != name)}"
+        elif node in outputs:
+            skipped[name] = "output layer"
+        else:
+            names.append(name)
+    return names, skipped
+
+
+def _alias_names(gm: fx.GraphModule) -> dict[str, list[str]]:
+    by_tensor: dict[int, list[str]] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(p), []).append(name)
+    return {name: names for names in by_tensor.values() for name in names}
+
+
+def _output_layers(gm: fx.GraphModule, layer_nodes: list[fx.Node]) -> set[fx.Node]:
+    """Layers from which no other layer is reachable (the ones that produce the model's outputs)."""
+    is_layer = set(layer_nodes)
+    feeds_layer: dict[fx.Node, bool] = {}
+    for node in reversed(list(gm.graph.nodes)):
+        feeds_layer[node] = any(u in is_layer or feeds_layer.get(u, False) for u in node.users)
+    return {n for n in layer_nodes if not feeds_layer[n]}
+
+
+def _first(pairs: tuple, name: str, default):
+    """The value of the first (pattern, value) pair whose pattern matches ``name``."""
+    return next((value for pat, value in pairs if _matches(name, pat)), default)
+
+
+def _owner(name: str) -> str:
+    return name.rpartition(".")[0] or name
+
+
+def _parse(pattern: str) -> Pattern:
+    try:
+        return Pattern.parse(pattern)
+    except InputError as e:
+        raise PipelineError(f"sparsify: {e}") from None
+
+
+def _check_sparsity(what: str, s: float) -> None:
+    if not 0 <= s < 1:
+        raise PipelineError(f"sparsify: {what} must be in [0, 1), got {s}")
+
+
+def _check_names(gm: fx.GraphModule, patterns: tuple) -> None:
+    names = [n for n, _ in gm.named_parameters()] + list(weight_masks(gm))
+    for pat in patterns:
+        if not any(_matches(n, pat) for n in names):
+            raise PipelineError(f"sparsify: no layer matches '{pat}' (ignore/sparsities/patterns name modules or "
+                                f"weights by qualified name, e.g. 'layer1.0.conv1' or 'blocks.*.mlp.*')")
