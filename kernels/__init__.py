@@ -1,1 +1,11 @@
-"""Custom kernels used by lowered graphs: a torch reference and a fast path per op (filled by the sparse issue)."""
+"""Custom kernels used by lowered graphs: packed sparse formats, C kernels (built and cached on first use) exposed
+as ``torch.ops.graphopt.*`` custom ops with torch reference fallbacks, and the ``SparseLinear`` module."""
+
+from graphopt.kernels import ops  # noqa: F401  (registers torch.ops.graphopt.sparse_linear / act_sparse_linear)
+from graphopt.kernels.build import library
+from graphopt.kernels.choose import Choice, choose_format
+from graphopt.kernels.formats import FORMATS, PackedWeight, SparseFormatError, pack, unpack, validate
+from graphopt.kernels.modules import SparseLinear
+
+__all__ = ["FORMATS", "Choice", "PackedWeight", "SparseFormatError", "SparseLinear", "choose_format", "library",
+           "pack", "unpack", "validate"]

@@ -1,0 +1,194 @@
+"""``lower-sparse``: run sparse Linear / 1x1-conv weights with graphopt's packed sparse kernels.
+
+For every ``aten.linear`` and 1x1 ``aten.conv2d`` (stride 1, no padding, one group) whose stored weight has enough
+zeros, the pass picks the packed format that fits the zeros (8x1 / 16x1 / 1x4 / csr, see kernels/choose.py) for
+the number of rows the layer sees on the example inputs, and replaces the op with ``graphopt::sparse_linear`` on
+packed buffers. A layer stays dense when no format is predicted (or, with ``benchmark=True``, measured) to beat
+dense ``F.linear`` by ``min_speedup``: lowering never makes a layer slower by its own estimate.
+
+Weights held through ``torch.nn.utils.parametrize`` (as the ``sparsify`` pass leaves them: W = original * mask) are
+baked first, so the packed weight is exactly the masked one and the output equals the masked dense model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.fx as fx
+import torch.nn.utils.parametrize as parametrize
+
+from graphopt.graph_utils import (
+    attr_value, free_attr_name, is_op, owner_and_leaf, remove_dead_nodes, remove_unused_attrs,
+)
+import graphopt.kernels  # noqa: F401  (registers torch.ops.graphopt.sparse_linear)
+from graphopt.kernels.choose import choose_format
+from graphopt.kernels.formats import FORMATS, SparseFormatError, pack, validate
+from graphopt.pipeline import Context, Pass, PassResult
+from graphopt.registry import register_pass
+from graphopt.shapes import shape_of
+
+aten = torch.ops.aten
+
+
+def bake_parametrizations(root: torch.nn.Module) -> list[str]:
+    """Replace every parametrized tensor under ``root`` by its current value (W = original * mask); the names."""
+    baked = []
+    for mod_name, mod in list(root.named_modules()):
+        if parametrize.is_parametrized(mod):
+            for tensor_name in list(mod.parametrizations.keys()):
+                parametrize.remove_parametrizations(mod, tensor_name, leave_parametrized=True)
+                baked.append(f"{mod_name}.{tensor_name}" if mod_name else tensor_name)
+    return baked
+
+
+def constant_weight(gm: fx.GraphModule, node) -> torch.Tensor | None:
+    """The value of a weight argument computed from stored tensors only (a get_attr, or ops such as
+    ``mul(original, mask)`` that tracing a parametrized module leaves); None if it depends on the inputs."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "get_attr":
+        value = attr_value(gm, node)
+        return value if isinstance(value, torch.Tensor) else None
+    if node.op != "call_function" or node.is_impure():
+        return None
+    args = []
+    for a in node.args:
+        if isinstance(a, fx.Node):
+            a = constant_weight(gm, a)
+            if a is None:
+                return None
+        args.append(a)
+    with torch.no_grad():
+        value = node.target(*args, **node.kwargs)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _is_pointwise_conv(node: fx.Node, weight: torch.Tensor) -> bool:
+    """A conv2d that is a per-pixel linear map: 1x1 kernel, stride 1, no padding, dilation 1, one group."""
+    args = list(node.args) + [None] * (7 - len(node.args))
+    stride, padding, dilation, groups = (node.kwargs.get(k, a) for k, a in
+                                         zip(("stride", "padding", "dilation", "groups"), args[3:7]))
+    ones = lambda v, d: v is None or all(int(s) == d for s in (v if isinstance(v, (list, tuple)) else [v]))  # noqa
+    return (weight.dim() == 4 and tuple(weight.shape[2:]) == (1, 1) and ones(stride, 1) and ones(padding, 0)
+            and ones(dilation, 1) and (groups is None or int(groups) == 1))
+
+
+def _layer_name(node: fx.Node) -> str:
+    """The module path of a layer from the stored tensor its weight comes from (``fc1``), else the node name."""
+    seen = [node.args[1]]
+    while seen:
+        n = seen.pop()
+        if n.op == "get_attr":
+            if ".parametrizations." in f".{n.target}":
+                return f".{n.target}".split(".parametrizations.")[0][1:] or n.target
+            return n.target.rpartition(".")[0] or n.target
+        seen.extend(a for a in n.args if isinstance(a, fx.Node))
+    return node.name
+
+
+def _rows_per_call(x: fx.Node, conv: bool, default: int) -> int:
+    shape = shape_of(x) if isinstance(x, fx.Node) else None
+    if shape is None:
+        return default
+    dims = [shape[0], *shape[2:]] if conv else list(shape[:-1])
+    rows = 1
+    for d in dims:
+        rows *= int(d)
+    return max(rows, 1)
+
+
+def _has_owner(gm: fx.GraphModule, qualified: str) -> bool:
+    try:
+        owner_and_leaf(gm, qualified)
+        return True
+    except AttributeError:
+        return False
+
+
+@register_pass
+@dataclass(frozen=True)
+class LowerSparse(Pass):
+    """Replace sparse-enough Linear / 1x1-conv weights by packed sparse kernels where they are faster than dense."""
+
+    name: ClassVar[str] = "lower-sparse"
+    after: ClassVar[tuple[str, ...]] = ("sparsify",)
+    preserves_semantics: ClassVar[bool] = True
+
+    min_sparsity: float = 0.5       # fraction of zeros below which a layer is not even considered
+    formats: tuple = FORMATS        # candidate formats
+    benchmark: bool = False         # time the candidates on this machine instead of using the cost model
+    min_speedup: float = 1.2        # a format must beat dense by this factor (predicted or measured)
+    threads: int = 1                # threads per kernel call (1: small kernels lose to thread start-up)
+    rows: int = 0                   # input rows per call to plan for; 0 = as on the example inputs
+
+    def __post_init__(self):
+        bad = [f for f in self.formats if f not in FORMATS]
+        if bad:
+            raise SparseFormatError(f"lower-sparse: unknown format(s) {bad}; choose from {', '.join(FORMATS)}")
+
+    def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
+        baked = bake_parametrizations(gm)
+        decisions, lowered = {}, 0
+        for node in list(gm.graph.nodes):
+            is_conv = is_op(node, aten.conv2d)
+            if not (is_op(node, aten.linear) or is_conv):
+                continue
+            weight = constant_weight(gm, node.args[1])
+            if weight is None:
+                continue
+            layer = _layer_name(node)
+            if is_conv and not _is_pointwise_conv(node, weight):
+                continue
+            w2 = weight.detach().reshape(weight.shape[0], -1)
+            decision = self._decide(w2, _rows_per_call(node.args[0], is_conv, self.rows or 1))
+            decisions[layer] = decision if isinstance(decision, str) else decision.fmt
+            if not isinstance(decision, str):
+                self._replace(gm, node, pack(w2, decision.fmt, what=f"weight of {layer}"), layer, is_conv)
+                lowered += 1
+        if lowered:
+            remove_dead_nodes(gm)
+            remove_unused_attrs(gm)
+        stats = {"lowered": lowered, "kept_dense": len(decisions) - lowered, "layers": decisions,
+                 "baked_parametrizations": baked}
+        return PassResult(gm, modified=bool(lowered or baked), stats=stats)
+
+    def _decide(self, w2: torch.Tensor, rows: int):
+        """A Choice with a format, or a string saying why the layer stays dense."""
+        if not w2.is_floating_point() or w2.numel() == 0:
+            return "dense: not a floating-point weight"
+        sparsity = float((w2 == 0).sum()) / w2.numel()
+        if sparsity < self.min_sparsity:
+            return f"dense: sparsity {sparsity:.0%} < min_sparsity {self.min_sparsity:.0%}"
+        rows = self.rows or rows
+        choice = choose_format(w2, rows, formats=self.formats, benchmark=self.benchmark,
+                               min_speedup=self.min_speedup, threads=self.threads)
+        if choice.fmt is None:
+            return f"dense: no format beats dense by {self.min_speedup}x at {rows} rows ({choice.how})"
+        return choice
+
+    def _replace(self, gm: fx.GraphModule, node: fx.Node, packed, layer: str, is_conv: bool) -> None:
+        validate(packed, f"packed weight of {layer}")
+        names = []
+        for part, tensor in zip(("values", "cols", "ptr"), packed.tensors()):
+            qualified = free_attr_name(gm, f"{layer}.sparse_{part}" if layer != node.name else f"{layer}_{part}")
+            owner, leaf = owner_and_leaf(gm, qualified) if _has_owner(gm, qualified) else (gm, qualified)
+            if owner is gm:
+                qualified = leaf = qualified.replace(".", "_")
+            owner.register_buffer(leaf, tensor)
+            names.append(qualified)
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        graph = gm.graph
+        with graph.inserting_before(node):
+            attrs = [graph.get_attr(n) for n in names]
+            x = node.args[0]
+            if is_conv:  # NCHW -> NHWC rows, the same kernel, and back (a strided view, no copy)
+                x = graph.call_function(aten.permute.default, (x, [0, 2, 3, 1]))
+            y = graph.call_function(torch.ops.graphopt.sparse_linear.default,
+                                    (x, *attrs, bias, packed.fmt, packed.in_features, packed.out_features,
+                                     self.threads))
+            if is_conv:
+                y = graph.call_function(aten.permute.default, (y, [0, 3, 1, 2]))
+        node.replace_all_uses_with(y)
+        graph.erase_node(node)
