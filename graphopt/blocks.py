@@ -1,0 +1,269 @@
+"""Find removable residual blocks in a canonical (ATen) graph and remove them.
+
+A *branch* is one residual add ``y = x + f(x)``: ``f``'s nodes (its *body*) are used only inside the branch, so
+replacing ``y`` by ``x`` (``f`` replaced by zero) and erasing the body leaves a valid graph. A *projection branch*
+is ``y = f(x) + p(x)`` with a small projection ``p`` (a ResNet downsample): removing it keeps ``y = p(x)``, which
+changes what the block computes more than an identity skip, so it is opt-in.
+
+A *block* is the unit users name and passes remove: one branch (a ResNet block, ``layers.1``), or all branches of
+one module (a transformer layer ``model.layers.3`` = attention + MLP branches). Each branch also has its own name
+(``model.layers.3.self_attn``, ``model.layers.3.mlp``: the child module holding most of its parameters), used when
+blocks are listed per branch (``unit="branch"``).
+
+Names come from the qualified names of the parameters each body reads (``get_attr`` targets), which torch.export
+keeps as the module paths of the original model.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from graphopt.graph_utils import is_op, remove_dead_nodes, remove_unused_attrs, resolve
+from graphopt.shapes import shape_of
+
+aten = torch.ops.aten
+_PROJECTION_OPS = (aten.conv1d, aten.conv2d, aten.conv3d, aten.linear)
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One residual add: ``add`` computes ``kept + body``; removing the branch makes ``add`` equal ``kept``."""
+
+    add: fx.Node
+    kept: fx.Node  # the value that replaces the add: x (identity skip) or the projection's output
+    body: tuple[fx.Node, ...]  # nodes erased with the branch, in graph order
+    params: tuple[str, ...]  # qualified names of the parameters only the body reads
+    owner: str  # common module path of those parameters ("" at the root)
+    projection: bool = False
+
+
+@dataclass(frozen=True)
+class Block:
+    """A unit of removal: one or more consecutive branches of the same module."""
+
+    name: str
+    branches: tuple[Branch, ...]
+    numel: int  # parameter elements removed with the block
+
+    @property
+    def input(self) -> fx.Node:
+        """The value the block's output is replaced by (its input for an identity residual)."""
+        return self.branches[0].kept
+
+    @property
+    def output(self) -> fx.Node:
+        """The add that produces the block's output."""
+        return self.branches[-1].add
+
+    @property
+    def projection(self) -> bool:
+        """True if removing the block keeps a projection shortcut instead of the identity."""
+        return any(b.projection for b in self.branches)
+
+
+def _is_assert(node: fx.Node) -> bool:
+    """Metadata asserts torch.export inserts (impure, no users): they die with the tensor they check."""
+    return node.op == "call_function" and not node.users and "assert" in getattr(node.target, "__name__", "")
+
+
+def _mutates(node: fx.Node) -> bool:
+    """True for ops that write to their inputs (in-place, ``out=``): erasing them could change other values.
+
+    (fx's ``is_impure`` also flags random ops such as attention with dropout, which are fine to erase here.)"""
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema is not None and schema.is_mutable)
+
+
+def _body_of(value: fx.Node, add: fx.Node, order: dict[fx.Node, int]) -> set[fx.Node]:
+    """Nodes that become dead once ``add`` stops reading ``value``: ``value`` and every ancestor used only by them."""
+    body: set[fx.Node] = set()
+    frontier = [value]
+    while frontier:  # visit candidates from the latest back, so users are decided before the nodes they read
+        frontier.sort(key=order.__getitem__)
+        node = frontier.pop()
+        if node in body or node.op in ("placeholder", "output"):
+            continue
+        users = [u for u in node.users if not _is_assert(u)]
+        if node is value:
+            ok = all(u is add for u in users)
+        else:
+            ok = bool(users) and all(u in body for u in users)
+        if not ok or node.op == "call_module" or _mutates(node):
+            continue
+        body.add(node)
+        frontier.extend(n for n in node.all_input_nodes if n not in body)
+    return body
+
+
+def _inputs_of(body: set[fx.Node]) -> set[fx.Node]:
+    """Non-parameter nodes outside ``body`` that ``body`` reads."""
+    return {i for n in body for i in n.all_input_nodes if i not in body and i.op != "get_attr"}
+
+
+def _params_of(gm: fx.GraphModule, body: set[fx.Node]) -> tuple[str, ...]:
+    names = []
+    for n in body:
+        if n.op == "get_attr" and isinstance(resolve(gm, n.target), torch.Tensor):
+            names.append(n.target)
+    return tuple(sorted(set(names)))
+
+
+def _common_module(params: tuple[str, ...]) -> str:
+    parts = [p.split(".")[:-1] for p in params]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+def _same_shape(a: fx.Node, b: fx.Node) -> bool:
+    sa, sb = shape_of(a), shape_of(b)
+    return sa is not None and sa == sb
+
+
+def _projection_only(gm: fx.GraphModule, body: set[fx.Node]) -> bool:
+    """A shortcut body with exactly one 1x1 conv or linear (plus norms): what a downsample projection is."""
+    layers = [n for n in body if is_op(n, *_PROJECTION_OPS)]
+    if len(layers) != 1 or not isinstance(layers[0].args[1], fx.Node) or layers[0].args[1].op != "get_attr":
+        return False
+    weight = resolve(gm, layers[0].args[1].target)
+    return weight.dim() == 2 or all(k == 1 for k in weight.shape[2:])
+
+
+def _branch_at(gm: fx.GraphModule, add: fx.Node, order: dict, allow_projection: bool) -> Branch | None:
+    """The residual branch ending at ``add``, or None if ``add`` is no removable residual add."""
+    if not is_op(add, aten.add) or len(add.args) != 2 or add.kwargs.get("alpha", 1) != 1:
+        return None
+    a, b = add.args
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or a is b:
+        return None
+    for kept, value in ((a, b), (b, a)):
+        body = _body_of(value, add, order)
+        params = _params_of(gm, body)
+        if params and kept in _inputs_of(body) and _same_shape(kept, add):
+            return _make_branch(gm, add, kept, body, params, projection=False)
+    if not allow_projection:
+        return None
+    for kept, value in ((a, b), (b, a)):  # y = f(z) + p(z): keep the projection p(z)
+        body, shortcut = _body_of(value, add, order), _body_of(kept, add, order)
+        shared = _inputs_of(body) & _inputs_of(shortcut)
+        if shared and _params_of(gm, body) and _projection_only(gm, shortcut) and _same_shape(kept, add):
+            main_params = _params_of(gm, body)
+            if sum(resolve(gm, p).numel() for p in main_params) > sum(
+                    resolve(gm, p).numel() for p in _params_of(gm, shortcut)):
+                return _make_branch(gm, add, kept, body, main_params, projection=True)
+    return None
+
+
+def _make_branch(gm, add, kept, body, params, projection) -> Branch:
+    nodes = tuple(n for n in gm.graph.nodes if n in body)
+    return Branch(add, kept, nodes, params, _common_module(params), projection)
+
+
+def find_branches(gm: fx.GraphModule, allow_projection: bool = False) -> list[Branch]:
+    """Every residual branch of ``gm`` in graph order (shapes must be recorded in ``node.meta``)."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    found = [_branch_at(gm, n, order, allow_projection) for n in gm.graph.nodes if is_op(n, aten.add)]
+    branches = [b for b in found if b is not None]
+    # a branch nested inside another's body (an add inside an attention block) is part of that block, not a block
+    outer_bodies = set().union(*(set(b.body) for b in branches)) if branches else set()
+    return [b for b in branches if b.add not in outer_bodies]
+
+
+def _numel(gm: fx.GraphModule, params) -> int:
+    return sum(resolve(gm, p).numel() for p in set(params))
+
+
+def layer_of(owner: str) -> str:
+    """The repeated layer a module belongs to: its longest prefix ending in a list index (``model.layers.3``)."""
+    parts = owner.split(".") if owner else []
+    for k in range(len(parts), 0, -1):
+        if parts[k - 1].isdigit():
+            return ".".join(parts[:k])
+    return owner
+
+
+def _child_with_most_params(gm: fx.GraphModule, branch: Branch) -> str:
+    """The child of the branch's owner holding most of its parameters (``...layers.3.mlp``)."""
+    depth = len(branch.owner.split(".")) if branch.owner else 0
+    per_child: Counter = Counter()
+    for p in branch.params:
+        parts = p.split(".")
+        if len(parts) > depth + 1:
+            per_child[".".join(parts[: depth + 1])] += resolve(gm, p).numel()
+    if not per_child:
+        return branch.owner or branch.add.name
+    if branch.owner:
+        return max(per_child, key=lambda c: (per_child[c], -branch.params.index(next(
+            p for p in branch.params if p.startswith(c + ".")))))
+    return "+".join(sorted(per_child, key=lambda c: min(i for i, p in enumerate(branch.params) if p.startswith(c))))
+
+
+def find_blocks(gm: fx.GraphModule, unit: str = "layer", allow_projection: bool = False) -> list[Block]:
+    """Removable blocks of ``gm`` in graph order: whole layers (``unit="layer"``) or single branches.
+
+    A layer is every branch under one list entry (``model.layers.3``: attention and MLP). Branches outside any
+    list are blocks of their own, named by their module.
+    """
+    branches = find_branches(gm, allow_projection)
+    per_layer: dict[str, list[Branch]] = defaultdict(list)
+    for b in branches:
+        per_layer[layer_of(b.owner)].append(b)
+    if unit == "layer":
+        blocks, seen = [], set()
+        for b in branches:
+            key = layer_of(b.owner)
+            if key and key not in seen:
+                seen.add(key)
+                group = per_layer[key]
+                blocks.append(Block(key, tuple(group), _numel(gm, [p for g in group for p in g.params])))
+            elif not key:
+                blocks.append(Block(_child_with_most_params(gm, b), (b,), _numel(gm, b.params)))
+        return blocks
+    owners = Counter(b.owner for b in branches)
+    blocks = []
+    for b in branches:
+        shared = owners[b.owner] > 1 or (b.owner == layer_of(b.owner) and len(per_layer[b.owner]) > 1)
+        name = b.owner if b.owner and not shared else _child_with_most_params(gm, b)
+        blocks.append(Block(name, (b,), _numel(gm, b.params)))
+    return blocks
+
+
+def remove_blocks(gm: fx.GraphModule, blocks: list[Block]) -> None:
+    """Replace each block's output by its kept input, erase the bodies, then drop dead nodes and parameters."""
+    erase: set[fx.Node] = set()
+    for block in blocks:
+        for br in block.branches:
+            erase.update(br.body)
+            erase.add(br.add)
+    for block in blocks:
+        for br in reversed(block.branches):
+            kept = br.kept
+            while kept in erase:  # the kept value was itself removed (nested windows): follow the chain
+                kept = _kept_of(kept, blocks)
+            for user in list(br.add.users):
+                if user not in erase and not _is_assert(user):
+                    user.replace_input_with(br.add, kept)
+    doomed = erase | {u for n in erase for u in n.users if _is_assert(u)}
+    for node in reversed(list(gm.graph.nodes)):
+        if node in doomed:
+            for user in list(node.users):  # only doomed users remain; erase them first (reverse order does)
+                assert user in doomed, f"{user} still reads {node}"
+            gm.graph.erase_node(node)
+    remove_dead_nodes(gm)
+    remove_unused_attrs(gm)
+    gm.recompile()
+
+
+def _kept_of(add: fx.Node, blocks: list[Block]) -> fx.Node:
+    for block in blocks:
+        for br in block.branches:
+            if br.add is add:
+                return br.kept
+    raise AssertionError(f"{add} is erased but belongs to no removed branch")
