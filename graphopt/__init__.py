@@ -11,6 +11,7 @@ from graphopt.pipeline import Context, Pass, PassManager, PassResult
 from graphopt.registry import parse_pipeline, register_pass, registered_passes
 from graphopt.report import PassRecord, Report
 from graphopt.saving import LoadError, SaveError, load, save
+from graphopt.training import finetune
 from graphopt.trace import trace
 
 import graphopt.passes  # noqa: E402,F401  (registers the built-in passes)
@@ -19,7 +20,7 @@ __all__ = [
     "Context", "ExportError", "ExportReport", "GraphoptError", "GraphoptWarning", "InputError", "OptimizeResult", "Pass", "PassError", "PassManager", "PassRecord",
     "PassResult", "PipelineError", "Report", "TraceError", "VerifyError", "count_macs", "count_params",
     "export_onnx",
-    "LoadError", "SaveError", "load", "save",
+    "LoadError", "SaveError", "finetune", "load", "save",
     "lower", "measure_latency", "model_bytes", "optimize", "paired_latency", "parse_pipeline", "register_pass",
     "registered_passes", "trace",
 ]

@@ -1,0 +1,172 @@
+"""``graphopt.finetune``: a small, honest recovery-training loop for compressed models.
+
+After pruning or quantization a short fine-tune recovers most of the lost accuracy. This loop does only that:
+Adam with a cosine-decayed learning rate over mini-batches, an optional teacher (the original model) whose
+softened outputs the student matches (knowledge distillation: KL divergence at a temperature, mixed with the
+task loss), optional mixed precision (bf16 autocast on CPU, fp16 or bf16 on GPU), a progress line, and the
+loss history returned for the caller to check or plot.
+
+It trains graphopt's GraphModules as they are: a ``torch.export`` graph was captured in eval mode, so BatchNorm
+uses its running statistics and dropout is off while it trains (``.train()`` raises on such a module); ordinary
+``nn.Module`` students are switched to train mode and back to eval mode at the end.
+
+The module lives in ``training.py``, not ``finetune.py``: ``graphopt.finetune`` is the function, and a submodule
+of the same name would be shadowed by it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from graphopt.errors import InputError
+from graphopt.progress import progress
+
+__all__ = ["finetune", "distillation_loss", "finetune_callback"]
+_AMP = {None: None, False: None, True: torch.bfloat16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+        "fp16": torch.float16, "float16": torch.float16}
+
+
+def finetune(
+    module: nn.Module,
+    data: Any,
+    *,
+    epochs: int,
+    lr: float,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    teacher: nn.Module | None = None,
+    temperature: float = 4.0,
+    alpha: float = 0.5,
+    amp: str | bool | None = None,
+    batch_size: int = 64,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+) -> list[float]:
+    """Train ``module`` in place for ``epochs`` passes over ``data``; returns the mean loss of every epoch.
+
+    ``data`` is a pair of tensors ``(inputs, targets)`` (shuffled into batches of ``batch_size`` each epoch) or
+    a re-iterable of batches ``(inputs, targets)`` (a list, a DataLoader). ``loss_fn(output, target)`` is the task
+    loss (default: cross entropy). With a ``teacher`` the loss is ``alpha * T^2 * KL(teacher_T || student_T) +
+    (1 - alpha) * task`` at temperature ``T``; batches of inputs alone are then allowed (pure distillation).
+    ``amp``: None (off), ``"bf16"`` / ``True`` (bfloat16 autocast, also on CPU) or ``"fp16"`` (GPU only).
+    """
+    _check_options(epochs, lr, amp, alpha, temperature)
+    device = _device_of(module)
+    dtype = _AMP[amp]
+    if dtype is torch.float16 and device.type != "cuda":
+        raise InputError("finetune: amp='fp16' needs a CUDA model; on CPU use amp='bf16'")
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise InputError(f"finetune: {type(module).__name__} has no trainable parameters")
+    batches = _batches(data, batch_size, seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * len(batches(0))))
+    scaler = torch.amp.GradScaler("cuda") if dtype is torch.float16 else None
+    loss_fn = loss_fn or F.cross_entropy
+    if teacher is not None:
+        _set_mode(teacher, False)
+    history: list[float] = []
+    _set_mode(module, True)
+    try:
+        for epoch in range(epochs):
+            total, count = 0.0, 0
+            for batch in progress(batches(epoch), f"fine-tune epoch {epoch + 1}/{epochs}"):
+                x, y = _split(batch, device, teacher is not None)
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    out = module(x)
+                    loss = _loss(out, y, x, loss_fn, teacher, temperature, alpha)
+                opt.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    opt.step()
+                sched.step()
+                total, count = total + float(loss.detach()), count + 1
+            history.append(total / max(count, 1))
+    finally:
+        _set_mode(module, False)
+    return history
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) of temperature-softened class distributions, scaled by T^2 (Hinton et al.)."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student.float() / t, dim=-1), F.log_softmax(teacher.float() / t, dim=-1),
+                    reduction="batchmean", log_target=True) * (t * t)
+
+
+def finetune_callback(data: Any, **options: Any) -> Callable[[fx.GraphModule, int], None]:
+    """A ``finetune(gm, step)`` hook for iterative pruning (``PruneChannels(steps=n, finetune=...)``): each call
+    fine-tunes the graph pruned so far with ``options`` (``epochs`` and ``lr`` required), seeded by the step."""
+    def recover(gm: fx.GraphModule, step: int) -> None:
+        finetune(gm, data, **{"seed": step + 1, **options})
+    return recover
+
+
+def _loss(out, y, x, loss_fn, teacher, temperature, alpha):
+    if teacher is None:
+        return loss_fn(out, y)
+    with torch.no_grad():
+        soft = teacher(x)
+    kd = distillation_loss(out, soft, temperature)
+    return kd if y is None else alpha * kd + (1 - alpha) * loss_fn(out, y)
+
+
+def _batches(data: Any, batch_size: int, seed: int) -> Callable[[int], list]:
+    """A function of the epoch giving that epoch's list of batches."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data) \
+            and data[0].shape[:1] == data[1].shape[:1] and data[0].dim() > 1:
+        x, y = data
+
+        def shuffled(epoch: int) -> list:
+            order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+            return [(x[order[i:i + batch_size]], y[order[i:i + batch_size]]) for i in range(0, len(x), batch_size)]
+        return shuffled
+    if isinstance(data, torch.Tensor) or not isinstance(data, Iterable):
+        raise InputError("finetune: data must be (inputs, targets) tensors or a re-iterable of batches, "
+                         f"got {type(data).__name__}")
+    fixed = data if isinstance(data, (list, tuple)) else None
+    if fixed is not None and not fixed:
+        raise InputError("finetune: data holds no batches")
+    return lambda epoch: fixed if fixed is not None else list(data)
+
+
+def _split(batch: Any, device: torch.device, distilling: bool):
+    if isinstance(batch, torch.Tensor):
+        if not distilling:
+            raise InputError("finetune: a batch of inputs without targets needs a teacher= to distill from")
+        return batch.to(device), None
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0].to(device), batch[1].to(device)
+    raise InputError(f"finetune: each batch must be (inputs, targets) or an inputs tensor, got {type(batch).__name__}")
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _set_mode(module: nn.Module, training: bool) -> None:
+    """train()/eval() on ordinary modules; exported GraphModules raise on it and train as captured."""
+    if not isinstance(module, fx.GraphModule):
+        module.train(training)
+
+
+def _check_options(epochs: int, lr: float, amp: Any, alpha: float, temperature: float) -> None:
+    if not isinstance(epochs, int) or epochs < 1:
+        raise InputError(f"finetune: epochs must be a positive integer, got {epochs!r}")
+    if not lr > 0:
+        raise InputError(f"finetune: lr must be positive, got {lr!r}")
+    if amp not in _AMP:
+        raise InputError(f"finetune: amp must be None, 'bf16' or 'fp16', got {amp!r}")
+    if not 0 <= alpha <= 1 or not temperature > 0:
+        raise InputError(f"finetune: alpha must be in [0, 1] and temperature > 0, got {alpha}, {temperature}")
