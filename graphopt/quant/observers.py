@@ -1,0 +1,160 @@
+"""Observers: what a quantizer watches during calibration, and the clipping range it picks from what it saw.
+
+Every observer keeps the running minimum and maximum (per tensor, or per channel along ``axis``); ``range()``
+turns them into the (low, high) interval to quantize. The kinds differ only in that last step:
+
+| name | range |
+|---|---|
+| ``minmax`` | smallest and largest value seen |
+| ``moving-average`` | exponential moving average (``momentum``) of each batch's min and max |
+| ``percentile`` | the ``percentile`` (e.g. 99.99) and its mirror of a value sample (outliers clipped) |
+| ``mse`` | the clip range, among 64 shrinkings of the min-max range, with the least quantize-dequantize error |
+
+Sample-based observers (``percentile``, ``mse``) keep a bounded random sample of the values they see (at most
+``SAMPLE_LIMIT``), so calibration memory does not grow with the data.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SAMPLE_LIMIT = 1 << 20
+OBSERVERS = ("minmax", "moving-average", "percentile", "mse")
+
+
+class Observer:
+    """Running min/max of the tensors it is shown (per tensor, or per channel along ``axis``)."""
+
+    def __init__(self, axis: int | None = None):
+        self.axis = axis
+        self.low: torch.Tensor | None = None
+        self.high: torch.Tensor | None = None
+        self.batches = 0
+
+    def _reduce(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.axis is None:
+            return x.min(), x.max()
+        flat = x.detach().transpose(0, self.axis).reshape(x.shape[self.axis], -1)
+        return flat.min(dim=1).values, flat.max(dim=1).values
+
+    def update(self, x: torch.Tensor) -> None:
+        """Fold one tensor into the statistics."""
+        x = x.detach().float()
+        low, high = self._reduce(x)
+        self.low = low if self.low is None else torch.minimum(self.low, low)
+        self.high = high if self.high is None else torch.maximum(self.high, high)
+        self.batches += 1
+
+    def range(self, qmin: int, qmax: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (low, high) interval to quantize."""
+        return self.low, self.high
+
+
+class MovingAverageObserver(Observer):
+    """Exponential moving average of per-batch min and max: one odd batch moves the range by ``momentum`` only."""
+
+    def __init__(self, axis: int | None = None, momentum: float = 0.1):
+        super().__init__(axis)
+        self.momentum = momentum
+        self.avg_low = self.avg_high = None
+
+    def update(self, x: torch.Tensor) -> None:
+        super().update(x)
+        low, high = self._reduce(x.detach().float())
+        if self.avg_low is None:
+            self.avg_low, self.avg_high = low, high
+        else:
+            m = self.momentum
+            self.avg_low = (1 - m) * self.avg_low + m * low
+            self.avg_high = (1 - m) * self.avg_high + m * high
+
+    def range(self, qmin, qmax, symmetric):
+        return self.avg_low, self.avg_high
+
+
+class _SampleObserver(Observer):
+    """Keeps a bounded uniform sample of the values (per-tensor observers only)."""
+
+    def __init__(self, axis: int | None = None):
+        super().__init__(axis)
+        self.samples: list[torch.Tensor] = []
+        self.kept = 0
+        self.generator = torch.Generator().manual_seed(0)
+
+    def update(self, x: torch.Tensor) -> None:
+        super().update(x)
+        if self.axis is not None:  # per-channel tensors are weights: the whole tensor is the sample
+            self.samples = [x.detach().float()]
+            return
+        flat = x.detach().float().reshape(-1)
+        share = SAMPLE_LIMIT // 8  # each batch adds at most this many values; old ones are thinned below
+        if flat.numel() > share:
+            flat = flat[torch.randint(0, flat.numel(), (share,), generator=self.generator)]
+        self.samples.append(flat)
+        self.kept += flat.numel()
+        if self.kept > SAMPLE_LIMIT:
+            joined = torch.cat(self.samples)
+            keep = torch.randperm(joined.numel(), generator=self.generator)[: SAMPLE_LIMIT // 2]
+            self.samples, self.kept = [joined[keep]], SAMPLE_LIMIT // 2
+
+    def sample(self) -> torch.Tensor:
+        """All kept values, flat (per tensor) or as the last tensor seen (per channel)."""
+        return torch.cat(self.samples) if self.axis is None else self.samples[-1]
+
+
+class PercentileObserver(_SampleObserver):
+    """Clip at the ``percentile`` of the values (and ``100 - percentile`` below): outliers do not set the scale."""
+
+    def __init__(self, axis: int | None = None, percentile: float = 99.99):
+        super().__init__(axis)
+        self.percentile = percentile
+
+    def range(self, qmin, qmax, symmetric):
+        if self.axis is not None:
+            return self.low, self.high  # weights: every value is real signal, nothing is an outlier
+        values = self.sample()
+        q = torch.tensor([1 - self.percentile / 100, self.percentile / 100])
+        low, high = torch.quantile(values, q)
+        return torch.minimum(low, self.high), torch.maximum(torch.minimum(high, self.high), low)
+
+
+class MseObserver(_SampleObserver):
+    """Search 64 shrinkings of the min-max range for the one with the least quantize-dequantize MSE."""
+
+    STEPS = 64
+
+    def range(self, qmin, qmax, symmetric):
+        from graphopt.quant.quantizer import qparams_from_range
+
+        values = self.sample()
+        if self.axis is not None:
+            values = values.transpose(0, self.axis).reshape(values.shape[self.axis], -1)
+        else:
+            values = values.reshape(1, -1)
+        best_err = torch.full((values.shape[0],), float("inf"))
+        best_low, best_high = self.low.clone().reshape(-1), self.high.clone().reshape(-1)
+        for i in range(self.STEPS):
+            alpha = 1.0 - i / (self.STEPS + 8)  # down to ~12% of the full range
+            low, high = self.low.reshape(-1) * alpha, self.high.reshape(-1) * alpha
+            scale, zp = qparams_from_range(low, high, qmin, qmax, symmetric)
+            s, z = scale.reshape(-1, 1), zp.reshape(-1, 1).float()
+            deq = (torch.clamp(torch.round(values / s) + z, qmin, qmax) - z) * s
+            err = (deq - values).pow(2).mean(dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_low, best_high = torch.where(better, low, best_low), torch.where(better, high, best_high)
+        shape = self.low.shape
+        return best_low.reshape(shape), best_high.reshape(shape)
+
+
+def make_observer(kind: str, axis: int | None = None, percentile: float = 99.99) -> Observer:
+    """An observer by name (see the module docstring)."""
+    if kind == "minmax":
+        return Observer(axis)
+    if kind == "moving-average":
+        return MovingAverageObserver(axis)
+    if kind == "percentile":
+        return PercentileObserver(axis, percentile)
+    if kind == "mse":
+        return MseObserver(axis)
+    raise ValueError(f"unknown observer '{kind}'; choose one of {', '.join(OBSERVERS)}")

@@ -1,0 +1,118 @@
+"""``fake-quant``: simulated int8 quantization, calibrated on user batches, trainable, exportable as ONNX QDQ.
+
+Steps: fold BatchNorm into convs (PTQ), or rewrite conv+BN into the simulated fold (``qat=true``); read the
+placement table (graphopt/quant/placement.py) to put quantizers on weights (int8 symmetric, per output channel)
+and on activations (uint8 asymmetric per tensor by default: onnxruntime's U8S8 int8 kernels); run the graph over
+``ctx.calib_data`` with observers on; freeze the scales; optionally rank layers by sensitivity and keep the most
+sensitive ones in float (or bf16/fp16). The result is a plain ``fx.GraphModule``: ``.train()`` works, gradients
+flow by the straight-through estimator, and ``graphopt.quant.export_qdq`` writes it as QuantizeLinear /
+DequantizeLinear ONNX.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch.fx as fx
+
+from graphopt.errors import PipelineError
+from graphopt.pipeline import Context, Pass, PassResult
+from graphopt.quant import calibrate, fold_bn, placement, regions, sensitivity
+from graphopt.quant.insert import Scheme, check_dtypes, insert_quantizers
+from graphopt.quant.observers import OBSERVERS
+from graphopt.quant.qat import trainable
+from graphopt.quant.quantizer import QuantSpec, quantizers
+from graphopt.registry import register_pass
+
+
+@register_pass
+@dataclass(frozen=True)
+class FakeQuant(Pass):
+    """Insert int8 quantize->dequantize simulation, calibrate it on ``calib_data``, freeze the scales."""
+
+    name: ClassVar[str] = "fake-quant"
+    activation_dtype: str = "uint8"  # "uint8" (onnxruntime U8S8) or "int8"
+    activation_symmetric: bool = False
+    per_channel: bool = True  # weights per output channel (else per tensor)
+    observer: str = "minmax"  # activations: minmax, moving-average, percentile, mse
+    weight_observer: str = "minmax"  # weights: minmax or mse
+    percentile: float = 99.99
+    skip: tuple = ()  # layer name patterns kept in float; "last" = the layers producing the outputs
+    qat: bool = False  # keep BatchNorm (simulated fold) so QAT updates its statistics
+    keep_float: int = 0  # keep the k most sensitive layers in float
+    min_layer_sqnr: float | None = None  # also keep layers whose one-layer SQNR (dB) is below this
+    float_dtype: str = "float32"  # dtype of layers kept in float: float32, bfloat16, float16
+    half: tuple = ()  # layer name patterns run in half_dtype instead of int8
+    half_dtype: str = "bfloat16"
+    sensitivity_batches: int = 4
+
+    def __post_init__(self):
+        if self.activation_dtype not in ("uint8", "int8"):
+            raise PipelineError(f"fake-quant: activation_dtype must be 'uint8' or 'int8', got '{self.activation_dtype}'")
+        for opt in ("observer", "weight_observer"):
+            if getattr(self, opt) not in OBSERVERS:
+                raise PipelineError(f"fake-quant: {opt} must be one of {', '.join(OBSERVERS)}, got '{getattr(self, opt)}'")
+        for opt in ("float_dtype", "half_dtype"):
+            if getattr(self, opt) not in regions.HALF_DTYPES:
+                raise PipelineError(f"fake-quant: {opt} must be one of {', '.join(regions.HALF_DTYPES)}, "
+                                    f"got '{getattr(self, opt)}'")
+        if not 50 < self.percentile <= 100 or self.keep_float < 0:
+            raise PipelineError("fake-quant: percentile must be in (50, 100] and keep_float >= 0")
+        if isinstance(self.skip, str) or isinstance(self.half, str):
+            object.__setattr__(self, "skip", (self.skip,) if isinstance(self.skip, str) else tuple(self.skip))
+            object.__setattr__(self, "half", (self.half,) if isinstance(self.half, str) else tuple(self.half))
+
+    def scheme(self) -> Scheme:
+        """The weight and activation specs these options describe."""
+        act = QuantSpec(self.activation_dtype, self.activation_symmetric, None, self.observer, self.percentile)
+        weight = QuantSpec("int8", True, 0, self.weight_observer, self.percentile)
+        return Scheme(weight, act, self.per_channel)
+
+    def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
+        batches = calibrate.check_batches(ctx.calib_data, ctx.inputs)  # before anything changes
+        check_dtypes(placement.plan(gm, tuple(self.skip)))
+        if any(isinstance(m, type(q)) for m in gm.modules() for q in quantizers(gm).values()):
+            raise PipelineError("fake-quant: the graph is already fake-quantized; run the pass once")
+        gm = trainable(copy.deepcopy(gm))  # a fresh module: the graph before the pass stays as it was
+        folded = [] if self.qat else fold_bn.fold_batch_norms(gm, ctx)
+        plan = placement.plan(gm, tuple(self.skip))
+        owners = insert_quantizers(gm, plan, self.scheme())
+        simulated = fold_bn.simulate_folding(gm) if self.qat else []
+        trainable_bns = fold_bn.make_batch_norms_trainable(gm) if self.qat else 0
+        gm.graph.lint()
+        gm.recompile()
+        calibrate.calibrate(gm, batches)
+        stats = {"quantized_layers": len(owners), "weight_quantizers": sum(site.weight is not None for site in plan.sites),
+                 "calib_batches": len(batches), "bn_folded": len(folded), "bn_simulated": len(simulated),
+                 "qat_batch_norms": trainable_bns, "skipped": plan.skipped, "kept_float_ops": plan.kept_float}
+        stats.update(self._mixed_precision(gm, plan, owners, batches))
+        stats["activation_quantizers"] = sum(q.role == "activation" for q in quantizers(gm).values())
+        gm.graph.lint()
+        gm.recompile()
+        return PassResult(gm, modified=True, stats=stats)
+
+    def _mixed_precision(self, gm, plan, owners, batches) -> dict:
+        ranking = []
+        if self.keep_float or self.min_layer_sqnr is not None:
+            ranking = sensitivity.rank_layers(gm, owners, batches[: self.sensitivity_batches])
+        keep = sensitivity.choose_float(ranking, self.keep_float, self.min_layer_sqnr)
+        half = [s.layer for s in plan.sites if any(_match(s.layer, p) for p in self.half)]
+        for site in plan.sites:
+            if site.layer in keep or site.layer in half:
+                regions.dequantize_layer(gm, site)
+                dtype = self.half_dtype if site.layer in half else self.float_dtype
+                if dtype != "float32":
+                    regions.cast_layer(gm, site, regions.HALF_DTYPES[dtype])
+        regions.remove_unused_quantizers(gm)
+        out = {"kept_float": keep, "half_layers": half}
+        if ranking:
+            out["sensitivity"] = [(layer, round(s, 2)) for layer, s in ranking]
+        return out
+
+
+def _match(name: str, pattern: str) -> bool:
+    import fnmatch
+
+    return fnmatch.fnmatchcase(name, pattern)
