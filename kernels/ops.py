@@ -71,7 +71,7 @@ def _run_kernel(lib, x2, values, cols, ptr, bias, fmt, out_features, threads):
         yt = torch.empty(out_features, width)
         status = lib.sparse_linear(FORMAT_CODE[fmt], cols.element_size(), xt.data_ptr(), *common, yt.data_ptr(),
                                    out_features, width, max(1, threads))
-        y = yt[:, :rows].t()
+        y = yt[:, :rows].t().contiguous()
     if status != 0:
         raise SparseFormatError(f"graphopt::sparse_linear: the C kernel rejected its arguments (status {status})")
     return y
