@@ -75,9 +75,28 @@ def _is_pointwise_conv(node: fx.Node, weight: torch.Tensor) -> bool:
             and ones(dilation, 1) and (groups is None or int(groups) == 1))
 
 
-def _layer_name(node: fx.Node) -> str:
+def _as_layer(gm: fx.GraphModule, node: fx.Node):
+    """(input, 2-D weight as out x in, bias node, is_conv) for a linear, a 1x1 conv2d, or ``addmm(b, x, W)`` /
+    ``mm(x, W)`` with a stored W (HF GPT-2's Conv1D); None for anything else."""
+    if is_op(node, aten.linear, aten.conv2d):
+        weight = constant_weight(gm, node.args[1])
+        if weight is None or (is_op(node, aten.conv2d) and not _is_pointwise_conv(node, weight)):
+            return None
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        return node.args[0], weight.detach().reshape(weight.shape[0], -1), bias, is_op(node, aten.conv2d)
+    if (is_op(node, aten.addmm) and len(node.args) == 3 or is_op(node, aten.mm)) and not node.kwargs:
+        bias, x, w = node.args if is_op(node, aten.addmm) else (None, *node.args)
+        weight = constant_weight(gm, w)
+        bias_value = constant_weight(gm, bias)
+        if weight is None or weight.dim() != 2 or (bias is not None and (bias_value is None or bias_value.dim() != 1)):
+            return None
+        return x, weight.detach().t(), bias, False
+    return None
+
+
+def _layer_name(node: fx.Node, weight_arg: int = 1) -> str:
     """The module path of a layer from the stored tensor its weight comes from (``fc1``), else the node name."""
-    seen = [node.args[1]]
+    seen = [node.args[weight_arg]]
     while seen:
         n = seen.pop()
         if n.op == "get_attr":
@@ -132,20 +151,16 @@ class LowerSparse(Pass):
         baked = bake_parametrizations(gm)
         decisions, lowered = {}, 0
         for node in list(gm.graph.nodes):
-            is_conv = is_op(node, aten.conv2d)
-            if not (is_op(node, aten.linear) or is_conv):
+            layer_op = _as_layer(gm, node)
+            if layer_op is None:
                 continue
-            weight = constant_weight(gm, node.args[1])
-            if weight is None:
-                continue
-            layer = _layer_name(node)
-            if is_conv and not _is_pointwise_conv(node, weight):
-                continue
-            w2 = weight.detach().reshape(weight.shape[0], -1)
-            decision = self._decide(w2, _rows_per_call(node.args[0], is_conv, self.rows or 1))
+            x, w2, bias, is_conv = layer_op
+            layer = _layer_name(node, 2 if is_op(node, aten.addmm) else 1)
+            decision = self._decide(w2, _rows_per_call(x, is_conv, self.rows or 1))
             decisions[layer] = decision if isinstance(decision, str) else decision.fmt
             if not isinstance(decision, str):
-                self._replace(gm, node, pack(w2, decision.fmt, what=f"weight of {layer}"), layer, is_conv)
+                packed = pack(w2, decision.fmt, what=f"weight of {layer}")
+                self._replace(gm, node, x, bias, packed, layer, is_conv)
                 lowered += 1
         if lowered:
             remove_dead_nodes(gm)
@@ -168,7 +183,7 @@ class LowerSparse(Pass):
             return f"dense: no format beats dense by {self.min_speedup}x at {rows} rows ({choice.how})"
         return choice
 
-    def _replace(self, gm: fx.GraphModule, node: fx.Node, packed, layer: str, is_conv: bool) -> None:
+    def _replace(self, gm: fx.GraphModule, node: fx.Node, x, bias, packed, layer: str, is_conv: bool) -> None:
         validate(packed, f"packed weight of {layer}")
         names = []
         for part, tensor in zip(("values", "cols", "ptr"), packed.tensors()):
@@ -178,11 +193,9 @@ class LowerSparse(Pass):
                 qualified = leaf = qualified.replace(".", "_")
             owner.register_buffer(leaf, tensor)
             names.append(qualified)
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         graph = gm.graph
         with graph.inserting_before(node):
             attrs = [graph.get_attr(n) for n in names]
-            x = node.args[0]
             if is_conv:  # NCHW -> NHWC rows, the same kernel, and back (a strided view, no copy)
                 x = graph.call_function(aten.permute.default, (x, [0, 2, 3, 1]))
             y = graph.call_function(torch.ops.graphopt.sparse_linear.default,
