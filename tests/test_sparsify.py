@@ -22,6 +22,7 @@ from graphopt.sparsity import (
 from models import build
 from util import assert_same_outputs, outputs
 
+pytestmark = pytest.mark.filterwarnings("ignore:`isinstance(treespec, LeafSpec)`:FutureWarning")  # torch's deepcopy
 SETTINGS = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 BLOCKS = ["unstructured", "8x1", "16x1", "1x4", "2x2"]
 DIGITS_INPUT = (torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)),)
@@ -38,9 +39,30 @@ def blocks_uniform(mask: torch.Tensor, rows: int, cols: int) -> bool:
     return True
 
 
+_TRACED: dict = {}
+
+
 def sparsified(model, spec, inputs=DIGITS_INPUT):
-    result = graphopt.optimize(model, [spec] if isinstance(spec, (str, Sparsify)) else spec, inputs)
-    return result.module, result.report.records[-1]
+    """(graph, report record) of ``spec`` run under a verifying PassManager on a traced copy of ``model``.
+
+    A fresh DigitsCNN is traced once per session (all of them have the same seeded weights); others each time.
+    """
+    fresh_digits = type(model) is DigitsCNN and inputs is DIGITS_INPUT
+    if fresh_digits and "digits" in _TRACED:
+        gm = copy.deepcopy(_TRACED["digits"])
+    else:
+        gm = graphopt.trace(model, inputs)
+        if fresh_digits:
+            _TRACED["digits"] = copy.deepcopy(gm)
+    passes = [spec] if isinstance(spec, (str, Sparsify)) else spec
+    gm, report = graphopt.PassManager(passes).run(gm, graphopt.Context(inputs))
+    return gm, report.records[-1]
+
+
+def digits_cnn() -> DigitsCNN:
+    """The DigitsCNN every test here starts from (seeded)."""
+    torch.manual_seed(0)
+    return DigitsCNN().eval()
 
 
 # ---------------------------------------------------------------------------------------------- patterns
@@ -110,9 +132,10 @@ def test_cubic_schedule_values():
 
 @pytest.mark.parametrize("pattern", ["unstructured", "8x1", "16x1", "1x4"])
 def test_layerwise_target_reached_in_every_layer_with_the_pattern(pattern):
-    model = DigitsCNN().eval()
+    model = digits_cnn()
     state = copy.deepcopy(model.state_dict())
-    gm, record = sparsified(model, Sparsify(sparsity=0.75, pattern=pattern))
+    result = graphopt.optimize(model, [Sparsify(sparsity=0.75, pattern=pattern)], DIGITS_INPUT)
+    gm, record = result.module, result.report.records[0]
     masks = weight_masks(gm)
     assert set(masks) == {"stem.0.weight", "conv1.weight", "conv2.weight", "down.0.weight", "head.weight"}
     p = Pattern.parse(pattern)
@@ -131,7 +154,7 @@ def test_layerwise_target_reached_in_every_layer_with_the_pattern(pattern):
 
 
 def test_nm_pattern_in_the_pass_fixes_sparsity_and_skips_unfit_layers_when_asked():
-    gm, record = sparsified(DigitsCNN().eval(), "sparsify:pattern=2:4,skip_unfit=true")
+    gm, record = sparsified(digits_cnn(), "sparsify:pattern=2:4,skip_unfit=true")
     assert record.stats["skipped"] == {"stem.0.weight": "pattern 2:4 does not fit 9 inputs"}
     for name, m in weight_masks(gm).items():
         groups = m.mask.reshape(m.mask.shape[0], -1, 4).sum(-1)
@@ -139,13 +162,14 @@ def test_nm_pattern_in_the_pass_fixes_sparsity_and_skips_unfit_layers_when_asked
 
 
 class TwoLayers(nn.Module):
-    """Two linear layers whose weights differ in scale by 10x."""
+    """Two linear layers whose weights differ in scale by 100x."""
 
     def __init__(self):
         super().__init__()
+        torch.manual_seed(0)
         self.small, self.large = nn.Linear(32, 32), nn.Linear(32, 32)
         with torch.no_grad():
-            self.large.weight.mul_(10)
+            self.large.weight.mul_(100)
 
     def forward(self, x):
         return self.large(torch.relu(self.small(x)))
@@ -157,7 +181,7 @@ def test_global_threshold_ranks_all_layers_together_layerwise_does_not():
     pooled, rec_global = sparsified(TwoLayers(), Sparsify(sparsity=0.5, global_threshold=True), x)
     assert rec_local.stats["per_layer"] == {"small.weight": 0.5, "large.weight": 0.5}
     per = rec_global.stats["per_layer"]
-    assert per["small.weight"] > 0.9 and per["large.weight"] < 0.1 and rec_global.stats["sparsity"] == 0.5
+    assert per["small.weight"] > 0.95 and per["large.weight"] < 0.05 and rec_global.stats["sparsity"] == 0.5
     kept, dropped = [], []
     for layer in (pooled.small, pooled.large):
         magnitude, mask = layer.parametrizations.weight.original.detach().abs(), layer.parametrizations.weight[0].mask
@@ -169,7 +193,7 @@ def test_global_threshold_ranks_all_layers_together_layerwise_does_not():
 def test_overrides_ignore_and_skip_output():
     spec = Sparsify(sparsity=0.5, sparsities=(("conv*", 0.9),), patterns=(("down.0", "1x4"),), ignore=("stem",),
                     skip_output=True)
-    gm, record = sparsified(DigitsCNN().eval(), spec)
+    gm, record = sparsified(digits_cnn(), spec)
     per = record.stats["per_layer"]
     assert set(per) == {"conv1.weight", "conv2.weight", "down.0.weight"}
     assert per["conv1.weight"] == pytest.approx(0.9, abs=1e-3) and per["down.0.weight"] == 0.5
@@ -178,7 +202,7 @@ def test_overrides_ignore_and_skip_output():
 
 
 def test_sparsity_zero_is_the_identity():
-    model = DigitsCNN().eval()
+    model = digits_cnn()
     gm, record = sparsified(model, "sparsify:sparsity=0")
     assert not record.modified and weight_masks(gm) == {}
     assert_same_outputs(gm, model, DIGITS_INPUT)
@@ -187,12 +211,12 @@ def test_sparsity_zero_is_the_identity():
 def test_second_run_changes_nothing_and_string_form_parses():
     (p,) = graphopt.parse_pipeline("sparsify:sparsity=0.6,pattern=16x1,global_threshold=true")
     assert p == Sparsify(sparsity=0.6, pattern="16x1", global_threshold=True)
-    gm, _ = sparsified(DigitsCNN().eval(), [p, p])
+    gm, _ = sparsified(digits_cnn(), [p, p])
     assert not graphopt.PassManager([p]).run(gm, graphopt.Context(DIGITS_INPUT))[1].records[0].modified
 
 
 def test_finetuning_keeps_pruned_weights_at_zero_and_trains_the_rest():
-    gm, _ = sparsified(DigitsCNN().eval(), Sparsify(sparsity=0.8, pattern="8x1"))
+    gm, _ = sparsified(digits_cnn(), Sparsify(sparsity=0.8, pattern="8x1"))
     masks = {n: m.mask.clone() for n, m in weight_masks(gm).items()}
     before = {n: graphopt.graph_utils.resolve(gm, n).detach().clone() for n in masks}
     opt = torch.optim.Adam(gm.parameters(), lr=1e-2)
@@ -222,7 +246,7 @@ def test_gradual_steps_follow_the_cubic_schedule_and_never_revive_weights():
                 m.add_(1.0)
 
     spec = Sparsify(sparsity=0.9, steps=4, initial_sparsity=0.1, finetune=finetune)
-    gm, record = sparsified(DigitsCNN().eval(), spec)
+    gm, record = sparsified(digits_cnn(), spec)
     assert [s for s, _, _ in seen] == [0, 1, 2]
     for (step, got, _), want in zip(seen, [cubic_sparsity(k, 4, 0.9, 0.1) for k in (1, 2, 3)]):
         assert got == pytest.approx(want, abs=1e-3)
@@ -233,7 +257,7 @@ def test_gradual_steps_follow_the_cubic_schedule_and_never_revive_weights():
 
 
 def test_apply_from_a_training_loop_of_your_own():
-    gm = graphopt.trace(DigitsCNN().eval(), DIGITS_INPUT)
+    gm = graphopt.trace(digits_cnn(), DIGITS_INPUT)
     spec = Sparsify(sparsity=0.8, pattern="1x4")
     levels = [spec.apply(gm, progress=t / 4)["sparsity"] for t in range(5)]
     assert levels[0] == 0 and levels == sorted(levels) and levels[-1] == pytest.approx(0.8, abs=1e-3)
@@ -258,7 +282,7 @@ def test_tied_weights_are_left_dense():
 # ------------------------------------------------------------------- what comes after: lowering, export
 
 def test_masked_graph_lowers_exports_and_bakes():
-    gm, _ = sparsified(DigitsCNN().eval(), Sparsify(sparsity=0.7, pattern="8x1"))
+    gm, _ = sparsified(digits_cnn(), Sparsify(sparsity=0.7, pattern="8x1"))
     want = outputs(gm, DIGITS_INPUT)
     lowered = graphopt.lower(gm, DIGITS_INPUT)
     torch.testing.assert_close(outputs(lowered, DIGITS_INPUT), want, rtol=0, atol=0)
@@ -273,7 +297,7 @@ def test_masked_graph_lowers_exports_and_bakes():
     assert len(weight_masks(other)) == 5
 
 
-@pytest.mark.parametrize("name", ["resnet_basic", "mobilenetv2", "vit", "hf_bert"])
+@pytest.mark.parametrize("name", ["mobilenetv2", "vit", "hf_bert"])
 def test_zoo_models(name):
     case = build(name)
     gm, record = sparsified(case.model, Sparsify(sparsity=0.6, pattern="1x4"), case.example_inputs)
@@ -306,7 +330,7 @@ def test_bad_options(kwargs, message):
 
 def test_pattern_that_does_not_fit_a_layer():
     with pytest.raises(graphopt.PassError) as info:
-        sparsified(DigitsCNN().eval(), "sparsify:pattern=2:4")
+        sparsified(digits_cnn(), "sparsify:pattern=2:4")
     assert str(info.value) == (
         "sparsify: pattern '2:4' does not fit layer 'stem.0.weight': its 9 inputs per output are not a multiple "
         "of 4; ignore it (ignore=['stem.0']), give it another pattern (patterns=[('stem.0', 'unstructured')]) "
@@ -315,7 +339,7 @@ def test_pattern_that_does_not_fit_a_layer():
 
 def test_unknown_layer_name():
     with pytest.raises(graphopt.PipelineError) as info:
-        sparsified(DigitsCNN().eval(), Sparsify(ignore=("nonexistent",)))
+        sparsified(digits_cnn(), Sparsify(ignore=("nonexistent",)))
     assert str(info.value) == (
         "sparsify: no layer matches 'nonexistent' (ignore/sparsities/patterns name modules or weights by "
         "qualified name, e.g. 'layer1.0.conv1' or 'blocks.*.mlp.*')")
