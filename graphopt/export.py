@@ -27,7 +27,9 @@ from torch.export import Dim
 
 from graphopt.errors import GraphoptError, GraphoptWarning, InputError
 from graphopt.inputs import ExampleInputs
-from graphopt.onnx_io import FlatIO, count_qdq, set_batch_dim_name, strip_initializer_prefix
+from graphopt.onnx_io import (
+    FlatIO, count_qdq, ensure_fake_quant_meta_kernels, set_batch_dim_name, strip_initializer_prefix,
+)
 from graphopt.onnx_verify import compare, other_batch, ort_session, raise_if_disagrees, run_ort
 
 Exporter = Literal["dynamo", "legacy"]
@@ -156,10 +158,11 @@ def _export(flat: FlatIO, batched: list[bool], opset: int | None, exporter: Expo
 
 
 def _export_dynamo(flat: FlatIO, batched: list[bool], opset: int | None):
+    ensure_fake_quant_meta_kernels()
     batch = Dim("batch")
     specs = tuple({0: batch} if b else None for b in batched)
     # size-oblivious reasoning keeps a batch of 1 dynamic instead of specializing it (as graphopt.trace does)
-    with fx_config.patch(backed_size_oblivious=any(batched)):
+    with fx_config.patch(backed_size_oblivious=any(batched)), _reused_torchlib_registry():
         program = torch.onnx.export(
             flat, tuple(flat.tensors), None, dynamo=True, opset_version=opset, input_names=flat.input_names,
             output_names=flat.output_names, dynamic_shapes=(specs,) if any(batched) else None, verbose=False,
@@ -167,6 +170,37 @@ def _export_dynamo(flat: FlatIO, batched: list[bool], opset: int | None):
     proto = program.model_proto
     set_batch_dim_name(proto, batched, "batch")
     return proto
+
+
+_REGISTRIES: dict[tuple, Any] = {}
+
+
+@contextlib.contextmanager
+def _reused_torchlib_registry() -> Iterator[None]:
+    """Build the exporter's op registry once per opset instead of on every export (3-7 s each, measured).
+
+    torch.onnx.export rebuilds it from onnxscript's torchlib on every call and only reads it afterwards. This reaches
+    into a private torch module: if that moved, the export simply runs uncached.
+    """
+    try:
+        from torch.onnx._internal.exporter import _registration
+        original = _registration.ONNXRegistry.__dict__["from_torchlib"]
+    except (ImportError, AttributeError, KeyError):
+        yield
+        return
+
+    def cached(cls, opset_version=None, **kwargs):
+        key = (cls, opset_version, tuple(sorted(kwargs.items())))
+        if key not in _REGISTRIES:
+            args = {} if opset_version is None else {"opset_version": opset_version}
+            _REGISTRIES[key] = original.__func__(cls, **args, **kwargs)
+        return _REGISTRIES[key]
+
+    _registration.ONNXRegistry.from_torchlib = classmethod(cached)
+    try:
+        yield
+    finally:
+        _registration.ONNXRegistry.from_torchlib = original
 
 
 def _export_legacy(flat: FlatIO, batched: list[bool], opset: int | None):
@@ -179,6 +213,7 @@ def _export_legacy(flat: FlatIO, batched: list[bool], opset: int | None):
     torch.onnx.export(
         flat, tuple(flat.tensors), buffer, dynamo=False, opset_version=opset, input_names=flat.input_names,
         output_names=flat.output_names, dynamic_axes=axes or None, verbose=False,
+        training=torch.onnx.TrainingMode.PRESERVE,  # torch.export's modules refuse .train(); they are eval already
     )
     return onnx.load_model_from_string(buffer.getvalue())
 
@@ -221,6 +256,9 @@ def _error_text(e: BaseException) -> str:
 def _first_line(text: str, limit: int = 300) -> str:
     """The most telling line of an exporter message: skip banners, colour codes and empty lines."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    summary = re.search(r"## Exception summary\s*\n\s*(.+)", text)  # the dynamo exporter's own digest
+    if summary:
+        text = re.sub(r"<class '(?:[\w]+\.)*(\w+)'>", r"\1", summary.group(1))
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     useful = [ln for ln in lines if not ln.startswith(("Failed to export", "- ", "#", "The error above", "("))]
     line = (useful or lines or ["unknown error"])[0]

@@ -32,6 +32,7 @@ class FlatIO(nn.Module):
     def __init__(self, module: nn.Module, inputs: ExampleInputs):
         super().__init__()
         self.model = module
+        self.training = False  # set directly: .eval() would recurse, and torch.export's modules refuse .train()
         leaves_with_paths, self._spec = tree_flatten_with_path((inputs.args, inputs.kwargs))
         self._leaves = [leaf for _, leaf in leaves_with_paths]
         self.tensors = [leaf for leaf in self._leaves if isinstance(leaf, torch.Tensor)]
@@ -175,3 +176,33 @@ def set_batch_dim_name(proto, batched: Sequence[bool], name: str) -> None:
         for dim in info.type.tensor_type.shape.dim:
             if dim.dim_param in symbols:
                 dim.dim_param = name
+
+
+_FAKE_QUANT_OPS = (
+    "fake_quantize_per_tensor_affine_cachemask",
+    "_fake_quantize_per_tensor_affine_cachemask_tensor_qparams",
+    "fake_quantize_per_channel_affine_cachemask",
+)
+_meta_library = None
+
+
+def ensure_fake_quant_meta_kernels() -> None:
+    """Give torch's fake-quant kernels a Meta (shape-only) implementation where torch has none.
+
+    Without one, torch.export can trace ``torch.fake_quantize_per_{tensor,channel}_affine`` only with static shapes
+    (FakeTensor falls back to running the real kernel, which needs concrete sizes); a dynamic batch then fails with
+    ``UnsupportedOperatorException``. Each op returns its input's shape and a bool mask of the same shape.
+    """
+    global _meta_library
+    missing = [op for op in _FAKE_QUANT_OPS
+               if not torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{op}", "Meta")]
+    if not missing:
+        return
+    if _meta_library is None:
+        _meta_library = torch.library.Library("aten", "IMPL")  # kept alive: dropping it unregisters the kernels
+    for op in missing:
+        _meta_library.impl(op, _fake_quant_meta, "Meta")
+
+
+def _fake_quant_meta(x: torch.Tensor, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
