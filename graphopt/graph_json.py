@@ -5,6 +5,7 @@ What a node may call (anything else is refused when saving, and again when loadi
 - ``torch.ops.<namespace>.<op>.<overload>`` OpOverloads: ATen and registered custom ops (graphopt's own included);
 - ``operator.<name>`` builtin functions (``getitem``, ``add``, ...), ``math.<name>`` and ``torch.sym_*`` functions
   (symbolic sizes), ``builtins.getattr`` with a public attribute name;
+- a few plain functions of graphopt's own passes (QAT's BatchNorm fold), and those ``allow_function`` adds;
 - ``call_method`` of a public ``torch.Tensor`` method;
 - ``call_module`` of a submodule the caller supplies at load time (an opaque leaf of the fx fallback).
 
@@ -65,6 +66,9 @@ def target_name(node: fx.Node) -> str:
             return f"{prefix}.{t.__name__}"
     if t is builtins.getattr:
         return "builtins.getattr"
+    qualname = f"{getattr(t, '__module__', '')}.{getattr(t, '__qualname__', '')}"
+    if qualname in _FUNCTIONS:
+        return qualname
     if getattr(t, "__name__", "").startswith("sym_") and getattr(torch, t.__name__, None) is t:
         return f"torch.{t.__name__}"
     raise SaveError(
@@ -91,6 +95,8 @@ def resolve_target(op: str, name: str) -> Any:
                             "library that defines it before graphopt.load") from e
         if isinstance(found, torch._ops.OpOverload):
             return found
+    elif name in _FUNCTIONS:
+        return _function(name)
     elif len(parts) == 2:
         space = {"operator": operator, "math": math}.get(parts[0])
         found = getattr(space, parts[1], None) if space is not None and not parts[1].startswith("_") else None
@@ -102,6 +108,36 @@ def resolve_target(op: str, name: str) -> Any:
             return getattr(torch, parts[1])
     raise LoadError(f"the saved graph calls '{name}', which is not on graphopt's allowlist of loadable operators; "
                     "the file was not written by graphopt.save or was edited")
+
+
+# Plain Python functions graphopt's own passes put into graphs (QAT's simulated BatchNorm fold), by qualified name;
+# allow_function adds more. Only these exact names are imported and looked up on load.
+_FUNCTIONS: set[str] = {
+    "graphopt.quant.fold_bn.bn_factor", "graphopt.quant.fold_bn.scale_weight", "graphopt.quant.fold_bn.unscale_output",
+}
+
+
+def allow_function(fn: Callable) -> Callable:
+    """Allow saved graphs to call the module-level function ``fn`` (usable as a decorator). The function is then
+    found on load by importing its module and looking up its name: register it in code that runs before load."""
+    qualname = f"{fn.__module__}.{fn.__qualname__}"
+    if "<" in qualname or _function(qualname, fn.__module__) is not fn:
+        raise SaveError(f"allow_function: {qualname} is not a module-level function that can be found by name")
+    _FUNCTIONS.add(qualname)
+    return fn
+
+
+def _function(qualname: str, module_name: str | None = None) -> Any:
+    import importlib
+
+    module_name = module_name or qualname.rpartition(".")[0]
+    try:
+        found = getattr(importlib.import_module(module_name), qualname[len(module_name) + 1:], None)
+    except ImportError as e:
+        raise LoadError(f"the saved graph calls {qualname}, whose module cannot be imported: {e}") from e
+    if not callable(found):
+        raise LoadError(f"the saved graph calls {qualname}, which this graphopt does not define")
+    return found
 
 
 def _check_method(name: Any, error: type[GraphoptError]) -> None:

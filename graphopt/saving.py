@@ -18,12 +18,14 @@ ones. Every failure raises LoadError before anything is returned: never a half-l
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import os
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
@@ -34,6 +36,8 @@ from graphopt.api import OptimizeResult
 from graphopt.graph_json import LoadError, SaveError, graph_from_json, graph_to_json
 from graphopt.inputs import ExampleInputs, flat_outputs
 from graphopt.report import PassRecord, Report
+from graphopt.saving_modules import class_key, decode_module, encode_module, finish
+from graphopt.shapes import propagate
 
 FORMAT = "graphopt.saved-graph/1"
 __all__ = ["FORMAT", "LoadError", "SaveError", "fingerprint", "load", "save"]
@@ -63,8 +67,8 @@ def save(result: OptimizeResult | fx.GraphModule, path: str | os.PathLike, *, mo
     in_leaves, in_spec = pytree.tree_flatten((list(inputs.args), inputs.kwargs))
     if not all(isinstance(x, torch.Tensor) for x in in_leaves):
         raise SaveError("graphopt.save stores tensor example inputs only; pass example_inputs made of tensors")
-    with torch.no_grad():
-        outputs = flat_outputs(inputs.call(gm))
+    with torch.no_grad(), _buffers_kept(gm):
+        outputs = [y.clone() for y in flat_outputs(inputs.call(gm))]
     meta = {
         "format": FORMAT, "torch": torch.__version__, "graph": graph, "tensors": layout,
         "capture": gm.meta.get("graphopt_capture", "unknown"),
@@ -89,7 +93,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, verify: boo
     Only data is read (``torch.load(weights_only=True)``) and call targets come from an allowlist. With
     ``model`` (a freshly built original model) the file must have been saved from a model of the same
     architecture, and opaque submodules the graph calls are taken from it. With ``verify`` the loaded module is
-    run on the stored inputs and must reproduce the stored outputs. Raises LoadError on any problem.
+    run on the stored inputs and must reproduce the stored outputs (the run also records every node's shape, and
+    ``module.meta["graphopt_example_inputs"]`` holds those inputs). Raises LoadError on any problem.
     """
     payload = _read(Path(path))
     try:
@@ -105,8 +110,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, verify: boo
         raise
     except Exception as e:
         raise LoadError(f"{path}: the saved graph could not be rebuilt: {type(e).__name__}: {e}") from e
-    if verify:
-        _verify(gm, meta, payload, path)
+    _check_outputs(gm, meta, payload, path, verify)
     report = Report(meta["capture"])
     if meta.get("report"):
         report.records = [PassRecord(**r) for r in meta["report"]["passes"]]
@@ -116,6 +120,9 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, verify: boo
 def _read(path: Path) -> dict:
     if not path.is_file():
         raise LoadError(f"{path}: no such file; give the path graphopt.save wrote")
+    if not zipfile.is_zipfile(path):
+        raise LoadError(f"{path}: not a readable graphopt file (no torch.save archive); it is corrupt, truncated or "
+                        "not written by graphopt.save")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -161,7 +168,11 @@ def _collect_tensors(gm: fx.GraphModule, graph: dict) -> tuple[dict[str, torch.T
             seen[id(t)] = name
             tensors[name] = t.detach().cpu()
         layout["attrs"][name] = entry
-    layout["modules"] = {m: type(gm.get_submodule(m)).__name__ for m in modules}
+    try:
+        layout["modules"] = {m: encode_module(gm.get_submodule(m)) for m in modules}
+    except ValueError as e:
+        raise SaveError(f"cannot save: {e}; run the pipeline with calib_data= first") from e
+    layout["training"] = gm.training
     return tensors, layout
 
 
@@ -204,8 +215,8 @@ def _build(meta: dict, tensors: dict, model: nn.Module | None) -> fx.GraphModule
     """A fresh root module holding the saved tensors at their qualified names, and the graph over it."""
     root = nn.Module()
     layout = meta["tensors"]
-    for name, cls in layout["modules"].items():
-        _install(root, name, _leaf_module(model, name, cls, tensors))
+    for name, entry in layout["modules"].items():
+        _install(root, name, _submodule(model, name, entry, tensors))
     for name, entry in layout["attrs"].items():
         if any(name.startswith(m + ".") for m in layout["modules"]):
             continue
@@ -218,26 +229,45 @@ def _build(meta: dict, tensors: dict, model: nn.Module | None) -> fx.GraphModule
         _install(root, name, t)
     gm = fx.GraphModule(root, graph_from_json(meta["graph"]), class_name="GraphModule")
     gm.meta["graphopt_capture"] = meta["capture"]
+    gm.training = layout["training"]  # only this module's flag: the called submodules keep their own modes
     return gm
 
 
-def _leaf_module(model: nn.Module | None, name: str, cls: str, tensors: dict) -> nn.Module:
-    """An opaque submodule the graph calls: the code comes from the caller's model, the tensors from the file."""
-    if model is None:
-        raise LoadError(f"the saved graph calls the opaque submodule '{name}' ({cls}), whose code is not saved; "
-                        "pass the freshly built original model: graphopt.load(path, model=...)")
-    try:
-        sub = copy.deepcopy(model.get_submodule(name))
-    except AttributeError as e:
-        raise LoadError(f"model= has no submodule '{name}' ({cls}) that the saved graph calls") from e
-    if type(sub).__name__ != cls:
-        raise LoadError(f"model= has a {type(sub).__name__} at '{name}', the saved graph a {cls}")
+def _submodule(model: nn.Module | None, name: str, entry: dict, tensors: dict) -> nn.Module:
+    """A submodule the graph calls: rebuilt from its saved config (graphopt's own modules, see saving_modules.py)
+    or, for an opaque one, copied from the caller's ``model``; its tensors come from the file either way."""
+    cls = entry["class"]
+    sub = decode_module(entry)
+    if sub is None:
+        if model is None:
+            raise LoadError(f"the saved graph calls the opaque submodule '{name}' ({cls}), whose code is not saved; "
+                            "pass the freshly built original model: graphopt.load(path, model=...)")
+        try:
+            sub = copy.deepcopy(model.get_submodule(name))
+        except AttributeError as e:
+            raise LoadError(f"model= has no submodule '{name}' ({cls}) that the saved graph calls") from e
+        if class_key(type(sub)) != cls:
+            raise LoadError(f"model= has a {class_key(type(sub))} at '{name}', the saved graph a {cls}")
     state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
-    try:
-        sub.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise LoadError(f"the saved tensors of '{name}' do not fit model='s {cls}: {e}") from e
+    _assign_state(sub, state, f"'{name}' ({cls})")
+    finish(sub, entry)
     return sub
+
+
+def _assign_state(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Put the saved tensors into ``module`` as they are: shapes may differ from a fresh instance (pruning,
+    per-channel scales), which load_state_dict refuses; the set of names must match exactly."""
+    want = set(module.state_dict(keep_vars=True))
+    if set(state) != want:
+        raise LoadError(f"the saved tensors of {what} do not fit it: missing {sorted(want - set(state))}, "
+                        f"unexpected {sorted(set(state) - want)}")
+    for key, t in state.items():
+        owner_name, _, leaf = key.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        if isinstance(owner._parameters.get(leaf), nn.Parameter):
+            owner._parameters[leaf] = nn.Parameter(t, requires_grad=owner._parameters[leaf].requires_grad)
+        else:
+            owner._buffers[leaf] = t
 
 
 def _install(root: nn.Module, qualname: str, value: Any) -> None:
@@ -253,19 +283,36 @@ def _install(root: nn.Module, qualname: str, value: Any) -> None:
         owner.register_buffer(leaf, value)
 
 
-def _verify(gm: fx.GraphModule, meta: dict, payload: dict, path) -> None:
+def _check_outputs(gm: fx.GraphModule, meta: dict, payload: dict, path, verify: bool) -> None:
+    """Run the stored inputs through the loaded graph (recording every node's shape, as after ``optimize``) and,
+    with ``verify``, require the stored outputs."""
     args, kwargs = pytree.tree_unflatten(payload["check_inputs"], pytree.treespec_loads(meta["check"]["in_spec"]))
+    gm.meta["graphopt_example_inputs"] = ExampleInputs(tuple(args), dict(kwargs))
     try:
-        with torch.no_grad():
-            got = flat_outputs(gm(*args, **kwargs))
+        with _buffers_kept(gm):
+            got = propagate(gm, gm.meta["graphopt_example_inputs"])
     except Exception as e:
         raise LoadError(f"{path}: the loaded model fails on its stored example inputs: {type(e).__name__}: {e}") from e
-    want = payload["check_outputs"]
+    if not verify:
+        return
     try:  # bit-equal on the machine that saved; another CPU's kernels may round the last bit differently
-        torch.testing.assert_close(got, want, equal_nan=True)
+        torch.testing.assert_close(got, payload["check_outputs"], equal_nan=True)
     except AssertionError as e:
         raise LoadError(f"{path}: the loaded model does not reproduce the outputs stored at save time "
                         f"({str(e).strip().splitlines()[0]}); the file does not match this torch/graphopt") from e
+
+
+@contextlib.contextmanager
+def _buffers_kept(module: nn.Module) -> Iterator[None]:
+    """Undo in-place buffer updates of the block (a training-mode BatchNorm of QAT updates its running statistics
+    on every call): checking a model must not change it."""
+    saved = [(b, b.clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
 
 
 def _json_safe(value: Any) -> Any:

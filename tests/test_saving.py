@@ -180,3 +180,45 @@ def test_function_off_the_allowlist_is_refused_at_save(tmp_path):
     with pytest.raises(SaveError, match=r"calls torch.nn.functional.relu, which graphopt cannot save"):
         save(res, tmp_path / "x.graphopt")
     assert not (tmp_path / "x.graphopt").exists()
+
+
+def _calib(n=3):
+    gen = torch.Generator().manual_seed(5)
+    return [(torch.randn(2, 3, 32, 32, generator=gen),) for _ in range(n)]
+
+
+def test_layer_removed_round_trip_is_exact(tmp_path):
+    case = build("resnet_basic")
+    res = graphopt.optimize(case.model, "remove-layers:n=1,protect=[]", case.example_inputs, calib_data=_calib())
+    assert res.report.records[0].modified and "removed=" in str(res.report)
+    back = load(save(res, tmp_path / "rl.graphopt", model=case.model), model=build("resnet_basic").model)
+    _assert_exact(back.module, res.module, case.example_inputs)
+    assert graphopt.count_params(back.module) == graphopt.count_params(res.module) < graphopt.count_params(case.model)
+
+
+@pytest.mark.parametrize("qat", [False, True])
+def test_fake_quant_round_trip_keeps_quantizers(tmp_path, qat):
+    from graphopt.quant.quantizer import quantizers
+
+    case = build("resnet_basic")
+    passes = f"prune-channels:ratio=0.5,remove-layers:n=1,protect=[],fake-quant:qat={str(qat).lower()}"
+    res = graphopt.optimize(case.model, passes, case.example_inputs, calib_data=_calib())
+    back = load(save(res, tmp_path / "q.graphopt", model=case.model))
+    _assert_exact(back.module, res.module, case.example_inputs)
+    want, got = quantizers(res.module), quantizers(back.module)
+    assert sorted(got) == sorted(want) and len(got) > 10
+    for name, q in want.items():
+        assert (got[name].spec, got[name].state, got[name].training) == (q.spec, q.state, q.training), name
+        torch.testing.assert_close(got[name].scale, q.scale, rtol=0, atol=0)
+        assert got[name]._scale_value == q._scale_value
+    assert back.module.training == res.module.training
+
+
+def test_uncalibrated_quantizer_is_refused_at_save(tmp_path):
+    from graphopt.quant.quantizer import quantizers
+
+    case = build("resnet_basic")
+    res = graphopt.optimize(case.model, "fake-quant", case.example_inputs, calib_data=_calib(1))
+    next(iter(quantizers(res.module).values())).state = "observe"
+    with pytest.raises(SaveError, match=r"quantizer of `.*` is not calibrated yet; run the pipeline with calib_data="):
+        save(res, tmp_path / "q.graphopt")
