@@ -84,7 +84,9 @@ def keep_every_dim_nonempty(dep: DependencyGraph, plan: dict, scores: Mapping[in
                             round_to: int = 1) -> dict:
     """Shrink ``plan`` until no tensor dim loses all its indices: each time, the best-scored removed channel of an
     emptied dim comes back, with the next best of its group up to ``round_to`` so kept counts stay multiples."""
-    plan = {g: sorted(set(int(i) for i in idx)) for g, idx in plan.items() if len(idx)}
+    # tolist() first: iterating a tensor makes one 0-d tensor per channel (0.2 s on ResNet-50)
+    plan = {g: sorted(set(map(int, idx.tolist() if hasattr(idx, "tolist") else idx))) for g, idx in plan.items()
+            if len(idx)}
     owner = {p: (g, i) for g in plan for i, p in enumerate(g.primes)}
     while True:
         resized = Resized(dep, removed_primes(plan))

@@ -73,8 +73,10 @@ class ElementSpace:
     def union(self, x: int, y: int) -> None:
         """Make two elements one (their factorizations unify too; a width mismatch freezes both)."""
         rx, ry = self.find(x), self.find(y)
-        if rx == ry:
-            return
+        if rx != ry:
+            self._union_roots(rx, ry)
+
+    def _union_roots(self, rx: int, ry: int) -> None:
         self.links.append((self.atom_of[rx], self.atom_of[ry]))
         fx, fy = self.factor.get(rx), self.factor.get(ry)
         if fx is None and fy is not None:  # keep the factored root on top
@@ -97,6 +99,13 @@ class ElementSpace:
 
     def unify_keys(self, a, b, reason: str) -> None:
         """Make two index keys the same index: prime by prime, factoring a lone prime if widths differ."""
+        if len(a) == 1 and len(b) == 1:  # the common case (a residual add of plain channels): skip normalizing
+            ra, rb = self.find(int(a[0])), self.find(int(b[0]))
+            if ra == rb:
+                return
+            if ra not in self.factor and rb not in self.factor:
+                self._union_roots(ra, rb)
+                return
         pa, pb = self.normalize(a), self.normalize(b)
         if len(pa) == len(pb):
             for x, y in zip(pa, pb):
@@ -107,6 +116,30 @@ class ElementSpace:
             self.set_factor(pb[0], pa)
         else:
             self.freeze(pa + pb, reason)
+
+    def unify_many(self, a: list, b: list, reason: str) -> None:
+        """``unify_keys`` pairwise over two equally long key lists; plain one-element keys take an inlined path
+        (a ResNet-50 walk unifies ~16k channel pairs at residual adds, where call overhead dominated)."""
+        parent, factor = self.parent, self.factor
+        for x, y in zip(a, b):
+            if x == y:
+                continue
+            if len(x) != 1 or len(y) != 1:
+                self.unify_keys(x, y, reason)
+                continue
+            rx, ry = x[0], y[0]
+            while parent[rx] != rx:
+                parent[rx] = parent[parent[rx]]
+                rx = parent[rx]
+            while parent[ry] != ry:
+                parent[ry] = parent[parent[ry]]
+                ry = parent[ry]
+            if rx == ry:
+                continue
+            if rx in factor or ry in factor:
+                self.unify_keys(x, y, reason)
+            else:
+                self._union_roots(rx, ry)
 
     def freeze(self, key, reason: str) -> None:
         """No prime of ``key`` may ever be removed."""

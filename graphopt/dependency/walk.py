@@ -91,9 +91,7 @@ class Walk:
         if len(a) != len(b):
             self.freeze_keys(a + b, f"{why}: sizes {len(a)} and {len(b)} differ")
             return
-        for x, y in zip(a, b):
-            if x != y:
-                self.space.unify_keys(x, y, why)
+        self.space.unify_many(a, b, why)
 
     def bind(self, tk: TensorKeys, d: int, keys: DimKeys, why: str) -> None:
         """Give dim ``d`` of a (parameter) value these keys: set if unbound, else unify."""
