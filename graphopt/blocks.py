@@ -177,7 +177,8 @@ def find_branches(gm: fx.GraphModule, allow_projection: bool = False) -> list[Br
 
 
 def _numel(gm: fx.GraphModule, params) -> int:
-    return sum(resolve(gm, p).numel() for p in set(params))
+    """Parameter elements among ``params`` (buffers such as BN statistics are not counted, as in count_params)."""
+    return sum(t.numel() for t in (resolve(gm, p) for p in set(params)) if isinstance(t, torch.nn.Parameter))
 
 
 def layer_of(owner: str) -> str:

@@ -27,7 +27,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DigitsCNN", "load_digits_tensors", "train", "accuracy", "trained_digits_cnn", "torch_threads"]
+__all__ = ["DigitsCNN", "load_digits_tensors", "train", "accuracy", "trained_digits_cnn", "torch_threads",
+           "ResidualDigitsCNN", "trained_residual_digits_cnn"]
 
 
 def load_digits_tensors(seed: int = 0, test_fraction: float = 0.25):
@@ -156,4 +157,55 @@ def trained_digits_cnn(seed: int = 0, epochs: int = 12):
     are shared: do not modify them in place.
     """
     model, data = _trained(seed, epochs)
+    return copy.deepcopy(model), data
+
+
+class ResidualDigitsCNN(nn.Module):
+    """A deeper digits CNN for depth pruning: stem, ``depth`` identity residual blocks (``blocks.0`` ...), a strided
+    conv and a linear head. Each block is conv-BN-ReLU-conv-BN added to its input, then ReLU (a ResNet basic block
+    without projection), so any of them can be removed and the network still runs."""
+
+    def __init__(self, width: int = 16, depth: int = 3, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.blocks = nn.ModuleList(_ResidualBlock(width) for _ in range(depth))
+        self.down = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False),
+                                  nn.BatchNorm2d(2 * width), nn.ReLU())
+        self.head = nn.Linear(2 * width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.down(x).mean(dim=(2, 3)))
+
+
+class _ResidualBlock(nn.Module):
+    """relu(x + bn2(conv2(relu(bn1(conv1(x))))))."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+
+
+@functools.lru_cache(maxsize=None)
+def _trained_residual(seed: int, epochs: int, depth: int):
+    x_train, y_train, x_test, y_test = load_digits_tensors(seed)
+    torch.manual_seed(seed)
+    model = ResidualDigitsCNN(depth=depth)
+    with torch_threads(1):
+        train(model, x_train, y_train, epochs=epochs, lr=1e-2, seed=seed)
+    return model, (x_train, y_train, x_test, y_test)
+
+
+def trained_residual_digits_cnn(seed: int = 0, epochs: int = 12, depth: int = 3):
+    """(model, data) like ``trained_digits_cnn`` for a ``ResidualDigitsCNN`` with ``depth`` residual blocks
+    (cached per process, a fresh deep copy per call, trained on one thread)."""
+    model, data = _trained_residual(seed, epochs, depth)
     return copy.deepcopy(model), data
