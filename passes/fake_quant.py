@@ -12,6 +12,7 @@ DequantizeLinear ONNX.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -75,7 +76,9 @@ class FakeQuant(Pass):
         check_dtypes(placement.plan(gm, tuple(self.skip)))
         if any(isinstance(m, type(q)) for m in gm.modules() for q in quantizers(gm).values()):
             raise PipelineError("fake-quant: the graph is already fake-quantized; run the pass once")
-        gm = trainable(copy.deepcopy(gm))  # a fresh module: the graph before the pass stays as it was
+        with warnings.catch_warnings():  # torch's own pytree spec warns while being deep-copied
+            warnings.simplefilter("ignore", FutureWarning)
+            gm = trainable(copy.deepcopy(gm))  # a fresh module: the graph before the pass stays as it was
         folded = [] if self.qat else fold_bn.fold_batch_norms(gm, ctx)
         plan = placement.plan(gm, tuple(self.skip))
         owners = insert_quantizers(gm, plan, self.scheme())

@@ -31,7 +31,11 @@ def fold_batch_norms(gm: fx.GraphModule, ctx) -> list[str]:
     """Fold every eval-mode BatchNorm into its conv/linear (the ``fuse`` pass); returns the folded layers."""
     from graphopt.passes.fuse import Fuse
 
-    return Fuse().run(gm, ctx).stats["fused_layers"]
+    folded = Fuse().run(gm, ctx).stats["fused_layers"]
+    for p in gm.parameters():  # fuse stores folded weights with requires_grad=False; QAT trains them
+        if p.is_floating_point():
+            p.requires_grad_(True)
+    return folded
 
 
 def bn_factor(gamma: torch.Tensor | None, running_var: torch.Tensor, eps: float) -> torch.Tensor:
