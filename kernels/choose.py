@@ -21,8 +21,8 @@ from graphopt.kernels.formats import FORMATS, index_dtype, pack
 # one core: streaming bandwidth (bytes/s), multiply-add rate at batch >= 8 (flop/s), overhead per call (s)
 _DENSE_BW, _SPARSE_BW, _GEMV_ENTRY_S = 13e9, 14e9, 0.4e-9  # sparse BW kept near dense: a near-full block
 # format must not win on an assumed bandwidth edge (it measured 0.7x at 50% unstructured zeros in 16x1)
-_DENSE_FLOPS = 60e9
-_SPARSE_FLOPS = {"8x1": 45e9, "16x1": 40e9, "1x4": 20e9, "csr": 35e9}
+_DENSE_FLOPS = 60e9  # MKL at batch >= 8; the SpMM rates below are the measured fractions of it (0.5 / 0.3 / 0.27)
+_SPARSE_FLOPS = {"8x1": 30e9, "16x1": 30e9, "1x4": 16e9, "csr": 18e9}
 _CSR_GEMV_NNZ_S = 0.6e-9  # gathers: csr GEMV is bound by ~1.5-2 nonzeros per ns, not by bytes
 _DENSE_CALL_S, _SPARSE_CALL_S = 4e-6, 16e-6  # measured: the custom op + ctypes call costs ~12-24 us
 

@@ -117,7 +117,8 @@ def test_benchmark_choice_and_idempotence():
     with torch.no_grad():
         model[0].weight.mul_(block_mask((1024, 512), 0.95, 8, 1))
     out, record = run_pass(traced(model, (x,)), (x,), benchmark=True, min_speedup=1.0)
-    assert record.stats["layers"]["0"] in ("8x1", "16x1", "1x4", "csr", None) or record.stats["layers"]["0"]
+    chosen = record.stats["layers"]["0"]
+    assert chosen in ("8x1", "16x1", "1x4", "csr") or chosen.endswith("(benchmark)"), chosen
     torch.testing.assert_close(out(x), model(x), rtol=1e-4, atol=1e-4)
     again, record2 = run_pass(out, (x,), min_speedup=0.0)
     assert record2.modified is False and record2.stats["lowered"] == 0
