@@ -202,3 +202,45 @@ def test_every_zoo_model_is_analysed_without_error():
         for g in dep.groups:
             for m in g.members:
                 assert m.rows.shape == m.channel.shape and (m.channel < g.size).all()
+
+
+class IndexNet(nn.Module):
+    """Advanced indexing on non-channel dims (rows picked by a tensor, an indexed assignment) and on channels."""
+
+    def __init__(self, on_channels: bool = False):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 6, 1)
+        self.register_buffer("rows", torch.tensor([3, 0, 2]))
+        self.on_channels = on_channels
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.on_channels:
+            h = h[:, self.rows]  # aten.index on the channel dim: those channels must stay
+            return h.mean((2, 3))
+        picked = h[:, :, self.rows]  # aten.index(h, [None, None, rows])
+        out = h.clone()
+        out[:, :, self.rows] = picked * 2  # aten.index_put
+        return self.b(out).mean((2, 3))
+
+
+def _ops(dep):
+    return {str(n.target) for n in dep.gm.graph.nodes if n.op == "call_function"}
+
+
+def test_advanced_indexing_of_a_spatial_dim_keeps_channels_prunable():
+    dep = analyse(IndexNet(), torch.randn(2, 3, 5, 5))
+    ops = _ops(dep)
+    assert "aten.index.Tensor" in ops and {"aten.index_put.default", "aten.index_put_.default"} & ops
+    assert not dep.unknown_ops
+    group = group_of(dep, "a.weight", 0)
+    assert "b.weight" in group.params() and len(group.prunable) == 8
+    res = graphopt.optimize(IndexNet(), "prune-channels:ratio=0.5", (torch.randn(2, 3, 5, 5),))
+    assert res.module.a.weight.shape[0] == 4
+    assert res.module(torch.randn(3, 3, 5, 5)).shape == (3, 6)
+
+
+def test_advanced_indexing_of_the_channel_dim_freezes_those_channels():
+    dep = analyse(IndexNet(on_channels=True), torch.randn(2, 3, 5, 5))
+    assert not [g for g in dep.groups if "a.weight" in g.params() and len(g.prunable)]
+    assert not dep.unknown_ops

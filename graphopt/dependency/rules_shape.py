@@ -8,7 +8,7 @@ import sys
 import torch
 import torch.fx as fx
 
-from graphopt.dependency.keys import product, split
+from graphopt.dependency.keys import TensorKeys, product, split
 from graphopt.dependency.walk import Walk, register_rule, shape, value_keys
 
 aten = torch.ops.aten
@@ -256,17 +256,69 @@ def repeat_interleave(w: Walk, node: fx.Node):
     return w.tensor(dims, node.name)
 
 
-@register_rule(aten.index)
-def index(w: Walk, node: fx.Node):
-    """x[idx] on dim 0 (a table lookup, e.g. relative position bias): the looked-up dim is fixed."""
+def _advanced_index_layout(w: Walk, node: fx.Node, x, indices) -> list:
+    """Keys of ``x[indices]`` (advanced indexing): indexed dims of ``x`` are fixed and replaced by the broadcast
+    dims of the index tensors, at the first indexed position when the indexed dims are adjacent, else in front;
+    dims indexed by None pass through."""
+    indices = list(indices) + [None] * (len(x.dims) - len(indices))
+    picked = [d for d, i in enumerate(indices) if i is not None]
+    for d in picked:
+        w.freeze_keys(w.dk(x, d), f"{node.name}: indexed by a tensor")
+    tensors = [w.keys(indices[d]) for d in picked]
+    for tk in tensors:
+        w.freeze_value(tk, f"{node.name}: index tensor")
+    rank = max(len(tk.sizes) for tk in tensors)
+    bshape = [max([tk.sizes[k - rank + len(tk.sizes)] for tk in tensors if k - rank + len(tk.sizes) >= 0] or [1])
+              for k in range(rank)]
+    if len(tensors) == 1:
+        middle = [w.dk(tensors[0], k) for k in range(rank)]
+    else:
+        middle = [w.fresh(n, f"{node.name}/index[{k}]", frozen=f"{node.name}: index tensor") for k, n in
+                  enumerate(bshape)]
+    rest = [w.dk(x, d) for d in range(len(x.dims)) if indices[d] is None]
+    adjacent = picked == list(range(picked[0], picked[-1] + 1))
+    at = picked[0] if adjacent else 0
+    return rest[:at] + middle + rest[at:]
+
+
+def _index_args(w: Walk, node: fx.Node):
     x, indices = w.keys(node.args[0]), node.args[1]
-    if len(indices) != 1 or w.keys(indices[0]) is None:
+    if x is None or not any(i is not None for i in indices):
+        return None, None
+    if any(i is not None and not isinstance(w.keys(i), TensorKeys) for i in indices):
+        return None, None
+    if any(i is not None and getattr(i.meta.get("tensor_meta"), "dtype", None) in (torch.bool, torch.uint8)
+           for i in indices):
+        return None, None  # a mask index consumes as many dims as it has: frozen through, not modelled
+    return x, indices
+
+
+@register_rule(aten.index, aten._unsafe_index)
+def index(w: Walk, node: fx.Node):
+    """x[..., idx, ...] with index tensors and None for whole dims (a table lookup such as relative position bias,
+    a gather of positions): indexed dims are fixed, the other dims pass through (see _advanced_index_layout)."""
+    x, indices = _index_args(w, node)
+    if x is None:
         return _freeze_through(w, node)
-    idx = w.keys(indices[0])
-    w.freeze_keys(w.dk(x, 0), f"{node.name}: indexed by a tensor")
-    w.freeze_value(idx, f"{node.name}: index tensor")
-    return w.tensor([w.dk(idx, d) for d in range(len(idx.dims))] + [w.dk(x, d) for d in range(1, len(x.dims))],
-                    node.name)
+    return w.tensor(_advanced_index_layout(w, node, x, indices), node.name)
+
+
+@register_rule(aten.index_put, aten.index_put_, aten._unsafe_index_put)
+def index_put(w: Walk, node: fx.Node):
+    """x[indices] = values: the output is ``x``; indexed dims are fixed, and ``values`` (broadcast to the shape of
+    ``x[indices]``, aligned from the right) shares the pass-through dims it lines up with."""
+    x, indices = _index_args(w, node)
+    values = w.keys(node.args[2])
+    if x is None or not isinstance(values, TensorKeys):
+        return _freeze_through(w, node)
+    layout = _advanced_index_layout(w, node, x, indices)
+    for k in range(1, len(values.dims) + 1):
+        target = layout[-k] if k <= len(layout) else None
+        if target is not None and values.sizes[-k] == len(target):
+            w.unify(w.dk(values, -k), target, f"{node.name} (index_put values)")
+        else:
+            w.freeze_keys(w.dk(values, -k), f"{node.name}: broadcast into an indexed assignment")
+    return x
 
 
 @register_rule(aten.roll, aten.flip)
