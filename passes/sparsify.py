@@ -1,7 +1,8 @@
 """``sparsify``: magnitude sparsity with patterns, held as masks until lowering.
 
-Which weights: the weight (argument 1) of every ``aten.linear`` and ``aten.conv1d/2d/3d`` node that reads it
-through a ``get_attr`` node. Left dense (listed in ``stats['skipped']`` with the reason): weights that are also read
+Which weights: the weight of every ``aten.linear``, ``aten.conv1d/2d/3d`` and ``aten.addmm``/``aten.mm`` node
+(``x @ W``, Hugging Face GPT-2's Conv1D) that reads it through a ``get_attr`` node. Patterns always refer to the
+layer's (out, in) matrix, so for an ``addmm``/``mm`` weight, stored (in, out), its mask is the transpose of that. Left dense (listed in ``stats['skipped']`` with the reason): weights that are also read
 by other ops (an embedding tied to an output head), parameters held under several names, biases, norms, embeddings,
 names matched by ``ignore``, the output layers with ``skip_output=True`` (layers from which no other linear/conv is
 reachable: a classifier head, an LM head), and with ``skip_unfit=True`` layers the pattern cannot fit.
@@ -12,7 +13,8 @@ Thresholds are layer-wise (every layer reaches ``sparsity``) or, with ``global_t
 threshold over all layers pooled (overall sparsity reaches ``sparsity``; layers with smaller weights lose more).
 Layers given their own value in ``sparsities`` and N:M layers always use their own, layer-wise.
 ``steps > 1`` reaches the target on the cubic schedule of Zhu & Gupta (2017) and calls ``finetune(gm, step)``
-between steps; from a training loop of your own call ``Sparsify(...).apply(gm, progress)`` instead.
+between steps; from a training loop of your own call ``Sparsify(...).apply(gm, progress)`` instead. N:M layers
+take their full pattern at the first step (their sparsity is not free).
 
 Contract with lowering (``lower-sparse``) and with training code:
 - each sparsified weight ``<owner>.<leaf>`` is a torch.nn.utils.parametrize parametrization on its owner module
@@ -47,7 +49,9 @@ from graphopt.sparsity import (
 )
 
 aten = torch.ops.aten
-LAYER_OPS = (aten.linear, aten.conv1d, aten.conv2d, aten.conv3d)
+# op -> (position of the weight argument, stored as (in, out) rather than (out, in))
+LAYER_OPS = {aten.linear: (1, False), aten.conv1d: (1, False), aten.conv2d: (1, False), aten.conv3d: (1, False),
+             aten.addmm: (2, True), aten.mm: (1, True)}  # addmm/mm: HF GPT-2's Conv1D, x @ W with W (in, out)
 
 
 @register_pass
@@ -114,21 +118,23 @@ class Sparsify(Pass):
         keeps = self._plan(gm, layers, progress)
         changed = False
         for name, keep in keeps.items():
-            changed |= register_mask(gm, name, keep.reshape(resolve(gm, name).shape), str(layers[name][0]))
+            weight = resolve(gm, name)
+            stored = keep.t() if layers[name][2] else keep.reshape(weight.shape)
+            changed |= register_mask(gm, name, stored.contiguous(), str(layers[name][0]))
         return changed, self._stats(gm, layers, skipped)
 
     def _layers(self, gm: fx.GraphModule) -> tuple[dict[str, tuple[Pattern, float]], dict[str, str]]:
-        """{weight name: (pattern, final sparsity)} of the layers to sparsify; {weight name: reason} of the rest."""
+        """{weight name: (pattern, final sparsity, transposed)} of the layers to sparsify; {name: reason} of the rest."""
         candidates, skipped = find_layers(gm, skip_output=self.skip_output)
         layers = {}
-        for name in candidates:
+        for name, transposed in candidates.items():
             if any(_matches(name, pat) for pat in self.ignore):
                 skipped[name] = "ignored"
                 continue
             pattern = Pattern.parse(_first(self.patterns, name, self.pattern))
             fixed = pattern.fixed_sparsity
             target = fixed if fixed is not None else _first(self.sparsities, name, None)
-            cols = weight_matrix(resolve(gm, name)).shape[1]
+            cols = _matrix(resolve(gm, name), transposed).shape[1]
             if pattern.is_nm and cols % pattern.m:
                 if not self.skip_unfit:
                     raise PassError(
@@ -137,17 +143,18 @@ class Sparsify(Pass):
                         f"pattern (patterns=[('{_owner(name)}', 'unstructured')]) or set skip_unfit=True")
                 skipped[name] = f"pattern {pattern} does not fit {cols} inputs"
                 continue
-            layers[name] = (pattern, target)
+            layers[name] = (pattern, target, transposed)
         return layers, skipped
 
     def _plan(self, gm: fx.GraphModule, layers: dict, progress: float) -> dict[str, torch.Tensor]:
         """Keep-masks (matrix form) of every layer at ``progress`` along the schedule."""
         masks = weight_masks(gm)
-        scores = {name: element_scores(resolve(gm, name), masks[name].mask if name in masks else None)
+        previous = {name: _matrix(masks[name].mask, layers[name][2]) for name in layers if name in masks}
+        scores = {name: element_scores(_matrix(resolve(gm, name), layers[name][2]), previous.get(name))
                   for name in layers}
         at = lambda final: cubic_sparsity(progress, 1, final, min(self.initial_sparsity, final))  # noqa: E731
         keeps, pooled = {}, []
-        for name, (pattern, target) in layers.items():
+        for name, (pattern, target, _) in layers.items():
             if pattern.is_nm:
                 keeps[name] = nm_keep(scores[name], pattern, name)
             elif target is not None or not self.global_threshold:
@@ -158,9 +165,8 @@ class Sparsify(Pass):
             else:
                 pooled.append(name)
         keeps.update(self._global(pooled, layers, scores, at(self.target)))
-        for name in keeps:
-            if name in masks:  # monotone: what a mask dropped stays dropped
-                keeps[name] = keeps[name] & weight_matrix(masks[name].mask)
+        for name in previous:  # monotone: what a mask dropped stays dropped
+            keeps[name] = keeps[name] & previous[name]
         return keeps
 
     @staticmethod
@@ -189,21 +195,19 @@ class Sparsify(Pass):
                 "layers_sparsified": len(layers), "zeros": zeros, "per_layer": per_layer, "skipped": skipped}
 
 
-def find_layers(gm: fx.GraphModule, *, skip_output: bool = False) -> tuple[list[str], dict[str, str]]:
-    """Weight names of the linear/conv layers that may be sparsified (graph order) and {name: reason} of the rest."""
-    layer_nodes = [n for n in gm.graph.nodes if is_op(n, *LAYER_OPS) and len(n.args) > 1
-                   and isinstance(n.args[1], fx.Node) and n.args[1].op == "get_attr"]
-    layer_set = set(layer_nodes)
+def find_layers(gm: fx.GraphModule, *, skip_output: bool = False) -> tuple[dict[str, bool], dict[str, str]]:
+    """{weight name: stored (in, out)} of the layers that may be sparsified (graph order); {name: reason} of the rest."""
+    weight_of = {n: n.args[_weight_slot(n)[0]] for n in gm.graph.nodes if _weight_slot(n) is not None}
     only_weight: dict[str, bool] = {}  # is this attribute read as a layer weight and nothing else?
     for n in gm.graph.nodes:
         for user in n.users if n.op == "get_attr" else ():
-            fine = user in layer_set and user.args[1] is n and sum(a is n for a in user.args) == 1
+            fine = weight_of.get(user) is n and sum(a is n for a in user.args) == 1
             only_weight[n.target] = only_weight.get(n.target, True) and fine
     aliases = _alias_names(gm)
-    outputs = _output_layers(gm, layer_nodes) if skip_output else set()
-    names, skipped = [], {}
-    for node in layer_nodes:
-        name = node.args[1].target
+    outputs = _output_layers(gm, list(weight_of)) if skip_output else set()
+    names, skipped = {}, {}
+    for node, attr in weight_of.items():
+        name = attr.target
         if name in names or name in skipped:
             continue
         if not only_weight.get(name, False):
@@ -213,8 +217,22 @@ def find_layers(gm: fx.GraphModule, *, skip_output: bool = False) -> tuple[list[
         elif node in outputs:
             skipped[name] = "output layer"
         else:
-            names.append(name)
+            names[name] = _weight_slot(node)[1]
     return names, skipped
+
+
+def _weight_slot(node: fx.Node) -> tuple[int, bool] | None:
+    """(argument position, transposed) of a layer node whose weight is a stored tensor (get_attr); else None."""
+    slot = next((v for op, v in LAYER_OPS.items() if is_op(node, op)), None)
+    if slot is None or len(node.args) <= slot[0]:
+        return None
+    weight = node.args[slot[0]]  # mm/addmm take 2-D matrices only: a stored one is (in, out)
+    return slot if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
+
+
+def _matrix(tensor: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """The (out, in) matrix that patterns apply to: the weight as stored, or its transpose for x @ W layers."""
+    return tensor.t() if transposed else weight_matrix(tensor)
 
 
 def _alias_names(gm: fx.GraphModule) -> dict[str, list[str]]:
