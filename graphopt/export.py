@@ -11,6 +11,7 @@ shrunk weights, never masks.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import os
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Literal
 
 import torch
+import torch.fx as fx
 import torch.fx.experimental._config as fx_config
 import torch.nn as nn
 from torch.export import Dim
@@ -110,6 +112,7 @@ def export_onnx(
         raise InputError(f"export_onnx: exporter must be 'dynamo' or 'legacy', got {exporter!r}")
     path = os.fspath(path)
     _check_writable(path)
+    module = _in_eval_mode(module)
     flat = FlatIO(module, ExampleInputs.of(example_inputs))
     batched = flat.batched_inputs() if dynamic_batch else [False] * len(flat.tensors)
     proto = _export(flat, batched, opset, exporter, type(module).__name__)
@@ -131,6 +134,20 @@ def export_onnx(
         max_abs_error=errors[0], max_rel_error=errors[1], verified_batches=verified,
         seconds=time.perf_counter() - start,
     )
+
+
+def _in_eval_mode(module: nn.Module) -> nn.Module:
+    """The module itself, or an eval() copy of a plain module left in training mode (dropout would break verify).
+
+    fx.GraphModules (graphopt results) are left alone: their graph was captured in eval mode whatever their flag
+    says, and torch.export's refuse ``.train()``/``.eval()``.
+    """
+    if isinstance(module, fx.GraphModule) or not any(m.training for m in module.modules()):
+        return module
+    warnings.warn(f"graphopt.export_onnx: {type(module).__name__} is in training mode; exporting an eval() copy "
+                  "(dropout off, BatchNorm on running statistics). Call .eval() first to silence this",
+                  GraphoptWarning, stacklevel=3)
+    return copy.deepcopy(module).eval()
 
 
 def _check_writable(path: str) -> None:

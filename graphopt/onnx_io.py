@@ -46,7 +46,8 @@ class FlatIO(nn.Module):
             named = named_tensors(ExampleInputs(inputs.args, inputs.kwargs).call(module))
         if not named:
             raise InputError(f"{type(module).__name__} returns no tensor on {inputs.describe()}: nothing to export")
-        self.output_names = _unique([name for name, _ in named])
+        # unique across inputs too: ONNX names one value per name, and an output may be called like an input
+        self.output_names = _unique(self.input_names + [name for name, _ in named])[len(self.input_names):]
         self.reference = [t for _, t in named]
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

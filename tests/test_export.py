@@ -201,6 +201,14 @@ def test_the_module_is_not_changed(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
 
 
+def test_a_module_in_training_mode_is_exported_as_an_eval_copy(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.BatchNorm1d(4))
+    with pytest.warns(graphopt.GraphoptWarning, match="Sequential is in training mode; exporting an eval"):
+        report = export_onnx(model, (torch.randn(2, 4),), tmp_path / "t.onnx")
+    assert report.max_abs_error < 1e-4
+    assert model.training and model[1].training  # the caller's module keeps its mode
+
+
 # ----------------------------------------------------------------------------------------------------- errors
 
 @torch.library.custom_op("graphopt_test::mystery", mutates_args=())
