@@ -147,7 +147,25 @@ def main() -> None:
                 measured["dense at bandwidth"] = n * k * 4 / bandwidth
                 rows.append((sparsity, measured, choice))
             lines += table(f"batch {batch}, {n}x{k}", rows)
+    lines += act_sparse_table(budget, rounds)
     publish(provenance("Sparse kernels vs dense (1 thread, weights streamed from DRAM)", *lines), args.out)
+
+
+def act_sparse_table(budget, rounds):
+    """Batch-1 zero-input skipping (dense weights, inputs with a share of exact zeros) vs F.linear."""
+    out = ["### dynamic activation sparsity: act_sparse_linear vs F.linear, batch 1, dense weights", "",
+           "| shape | zero inputs | F.linear | act_sparse_linear | speedup |", "|---|---|---|---|---|"]
+    for n, k in [(768, 3072), (3072, 768)]:
+        for zero in (0.5, 0.7, 0.9):
+            x = torch.randn(1, k) * (torch.rand(1, k) >= zero)
+            w = torch.randn(n, k)
+            calls = {"dense": (lambda w: F.linear(x, w), w, w.numel() * 4),
+                     "act": (lambda wt: torch.ops.graphopt.act_sparse_linear(x, wt, None, 1), w.t().contiguous(),
+                             w.numel() * 4)}
+            t = time_methods(calls, budget, rounds)
+            out.append(f"| {n}x{k} | {zero:.0%} | {t['dense'] * 1e6:.0f} us | {t['act'] * 1e6:.0f} us "
+                       f"| {t['dense'] / t['act']:.1f}x |")
+    return out + [""]
 
 
 def table(title, rows):
