@@ -81,7 +81,7 @@ def make_batch_norms_trainable(gm: fx.GraphModule) -> int:
             continue
         x, w, b, mean, var, _training, momentum, eps = _bn_args(node)
         name = f"qat_bn_{count}"
-        gm.add_module(name, QatBatchNorm(momentum, eps))
+        gm.add_module(name, QatBatchNorm(momentum, eps).train(gm.training))  # new modules start in train mode
         with gm.graph.inserting_before(node):
             new = gm.graph.call_module(name, (x, w, b, mean, var))
         new.meta = dict(node.meta)
