@@ -187,3 +187,12 @@ def test_op_rejects_mismatched_input():
     packed = pack(zeroed(8, 16, 0.5), "8x1")
     with pytest.raises(SparseFormatError, match="input has 15 features, the packed weight expects 16"):
         sparse_linear(torch.randn(1, 15), packed)
+
+
+def test_two_threads_match_one():
+    for fmt in FORMATS:
+        w = zeroed(300, 200, 0.8, fmt)
+        packed = pack(w, fmt)
+        for batch in (1, 9):
+            x = torch.randn(batch, 200)
+            torch.testing.assert_close(sparse_linear(x, packed, threads=2), sparse_linear(x, packed, threads=1))

@@ -178,3 +178,17 @@ def test_bad_options():
         LowerSparse(formats=("2x2",))
     with pytest.raises(graphopt.PipelineError, match="unknown pass 'lower-sparce'; did you mean 'lower-sparse'"):
         PassManager(["lower-sparce"])
+
+
+def test_choice_depends_on_sparsity_pattern_and_rows():
+    """The cost model: blocks pay from 50% at batch 1; unstructured zeros at 50% and any 50% at batch 64 do not."""
+    from graphopt.kernels import choose_format
+    blocks50 = torch.randn(768, 3072) * block_mask((768, 3072), 0.5, 8, 1)
+    scattered50 = torch.randn(768, 3072) * block_mask((768, 3072), 0.5)
+    scattered90 = torch.randn(768, 3072) * block_mask((768, 3072), 0.9)
+    assert choose_format(blocks50, 1).fmt in ("8x1", "16x1")
+    assert choose_format(blocks50, 64).fmt is None
+    assert choose_format(scattered50, 1).fmt is None
+    assert choose_format(scattered90, 1).fmt == "csr"
+    choice = choose_format(scattered90, 1)
+    assert choice.speedup > 1.2 and choice.how == "model"
