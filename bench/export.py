@@ -3,13 +3,14 @@
 For each zoo model: run the pipeline (default ``prune-channels:ratio=0.5,fuse``) on batch-1 inputs, export with
 ``graphopt.export_onnx`` (dynamic batch, onnxsim, onnxruntime verification), then time the lowered torch module
 (``graphopt.lower``) and the onnxruntime session on the same batch-1 inputs, interleaved round by round
-(``graphopt.paired_latency``), both at a fixed thread count. Only one onnxruntime session is alive at a time: an idle
+(``graphopt.paired_latency``), both at the same fixed thread count (2, then 1: on a loaded 2-core machine a
+2-thread OpenMP region stalls when a thread is descheduled, so the 1-thread figures are the steadier ones). Only one onnxruntime session is alive at a time: an idle
 session keeps a spinning worker thread that would slow everything else down (FACTS.md). The markdown table goes to
 stdout and to ``--out``.
 
 Run from the repository root::
 
-    .venv/bin/python bench/export.py                                  # every zoo model, 2 threads, 50 rounds
+    .venv/bin/python bench/export.py                                  # every zoo model, 2 then 1 thread, 50 rounds
     .venv/bin/python bench/export.py --models resnet_basic,vit --passes fuse --repeats 200
 """
 
@@ -35,8 +36,7 @@ from models import NAMES, build  # noqa: E402
 from benchkit import geomean, provenance, publish  # noqa: E402
 
 WARMUP = 10
-COLUMNS = ("model", "fx ops", "ONNX nodes exported → onnxsim", "file KB", "max abs err", "export s",
-           "torch ms", "ORT ms", "torch/ORT")
+BASE_COLUMNS = ("model", "fx ops", "ONNX nodes exported → onnxsim", "file KB", "max abs err", "export s")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,7 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(NAMES), help="comma-separated zoo names (default: all)")
     p.add_argument("--passes", default="prune-channels:ratio=0.5,fuse", help="graphopt pipeline before export")
-    p.add_argument("--threads", type=int, default=2, help="torch and onnxruntime intra-op threads (default 2)")
+    p.add_argument("--threads", default="2,1",
+                   help="comma-separated intra-op thread counts, each timed for torch and onnxruntime (default 2,1)")
     p.add_argument("--repeats", type=int, default=50, help="interleaved timing rounds (default 50)")
     p.add_argument("--out", default="bench/results/export.md", help="markdown file to write")
     return p.parse_args(argv)
@@ -60,7 +61,7 @@ def first_row(example_inputs):
 
 
 @torch.no_grad()
-def bench_model(name: str, passes: str, threads: int, repeats: int, folder: str) -> dict:
+def bench_model(name: str, passes: str, threads: list[int], repeats: int, folder: str) -> dict:
     """Optimize, export, verify and time one zoo model; returns one row of results."""
     case = build(name)
     inputs = first_row(case.example_inputs)
@@ -71,48 +72,58 @@ def bench_model(name: str, passes: str, threads: int, repeats: int, folder: str)
     flat = FlatIO(lowered, ExampleInputs.of(inputs))  # the same flat feeds export_onnx verified with
     feeds = {n: t.numpy() for n, t in zip(flat.input_names, flat.tensors)}
     call = ExampleInputs.of(inputs).call
-    session = ort_session(path, threads=threads)
-    try:
-        lat = graphopt.paired_latency({"torch": lambda: call(lowered), "ort": lambda: session.run(None, feeds)},
-                                      warmup=WARMUP, repeats=repeats, threads=threads)
-    finally:
-        del session  # one live session at a time
+    times = {}
+    for t in threads:
+        session = ort_session(path, threads=t)
+        try:
+            lat = graphopt.paired_latency({"torch": lambda: call(lowered), "ort": lambda: session.run(None, feeds)},
+                                          warmup=WARMUP, repeats=repeats, threads=t)
+        finally:
+            del session  # one live session at a time
+        times[t] = (lat["torch"].median_ms, lat["ort"].median_ms)
     ops = sum(n.op == "call_function" for n in lowered.graph.nodes)
-    return {"model": name, "ops": ops, "report": report, "torch": lat["torch"].median_ms, "ort": lat["ort"].median_ms}
+    return {"model": name, "ops": ops, "report": report, "times": times}
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], threads: list[int]) -> str:
     """Markdown table of the result rows."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    columns = list(BASE_COLUMNS)
+    for t in threads:
+        columns += [f"torch ms ({t}t)", f"ORT ms ({t}t)", f"torch/ORT ({t}t)"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | failed: {r['error']} |" + " |" * (len(COLUMNS) - 2))
+            lines.append(f"| {r['model']} | failed: {r['error']} |" + " |" * (len(columns) - 2))
             continue
         rep = r["report"]
-        cells = (r["model"], r["ops"], f"{rep.nodes_exported} → {rep.nodes}", f"{rep.file_bytes / 1e3:.1f}",
-                 f"{rep.max_abs_error:.1e}", f"{rep.seconds:.1f}", f"{r['torch']:.3f}", f"{r['ort']:.3f}",
-                 f"{r['torch'] / r['ort']:.2f}x")
+        cells = [r["model"], r["ops"], f"{rep.nodes_exported} → {rep.nodes}", f"{rep.file_bytes / 1e3:.1f}",
+                 f"{rep.max_abs_error:.1e}", f"{rep.seconds:.1f}"]
+        for t in threads:
+            torch_ms, ort_ms = r["times"][t]
+            cells += [f"{torch_ms:.3f}", f"{ort_ms:.3f}", f"{torch_ms / ort_ms:.2f}x"]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 
 
-def reading(rows: list[dict]) -> str:
+def reading(rows: list[dict], threads: list[int]) -> str:
     """A paragraph computed from the numbers, so it stays true on a rerun."""
     ok = [r for r in rows if "error" not in r]
     if not ok:
         return "No model exported."
-    speed = {r["model"]: r["torch"] / r["ort"] for r in ok}
     cut = [1 - r["report"].nodes / r["report"].nodes_exported for r in ok]
     changed = [r["model"] for r in ok if r["report"].nodes < r["report"].nodes_exported]
     failed = [r["model"] for r in rows if "error" in r]
     text = (f"{len(ok)} of {len(rows)} models exported and matched torch in onnxruntime at batch 1 and 2 (largest "
             f"max abs error {max(r['report'].max_abs_error for r in ok):.1e}). onnxsim removed nodes from "
             f"{len(changed)} models ({', '.join(changed) or 'none'}; median cut {statistics.median(cut):.0%}): the "
-            "torch.export-based exporter already folds constants and BatchNorm, so most graphs come out minimal. "
-            f"onnxruntime vs the lowered eager torch module at batch 1: {geomean(list(speed.values())):.2f}x "
-            f"(geometric mean), from {min(speed.values()):.2f}x ({min(speed, key=speed.get)}) to "
-            f"{max(speed.values()):.2f}x ({max(speed, key=speed.get)}); these models are tiny, so per-op overhead "
-            "(Python dispatch in eager torch, kernel launch in onnxruntime) dominates both. ")
+            "torch.export-based exporter already folds constants and BatchNorm, so most graphs come out minimal. ")
+    for t in threads:
+        speed = {r["model"]: r["times"][t][0] / r["times"][t][1] for r in ok}
+        text += (f"torch/onnxruntime at batch 1, {t} thread{'s' if t > 1 else ''}: {geomean(list(speed.values())):.2f}x "
+                 f"(geometric mean), from {min(speed.values()):.2f}x ({min(speed, key=speed.get)}) to "
+                 f"{max(speed.values()):.2f}x ({max(speed, key=speed.get)}). ")
+    text += ("These models are tiny, so per-op overhead (Python dispatch in eager torch) weighs heavily on the torch "
+             "side. ")
     if failed:
         text += f"Failed: {', '.join(failed)} (see the table). "
     return text
@@ -127,7 +138,7 @@ def header(args: argparse.Namespace, load_note: str) -> str:
         f"- torch {torch.__version__}, onnxruntime {onnxruntime.__version__}",
         f"- pipeline before export: `{args.passes}`; export: `graphopt.export_onnx` defaults (torch.export-based "
         "exporter, dynamic batch, onnxsim, verified at batch 1 and 2)",
-        f"- timing: batch 1, {args.threads} threads for torch and onnxruntime, {args.repeats} interleaved rounds "
+        f"- timing: batch 1, {args.threads} threads (each count for torch and onnxruntime alike), {args.repeats} interleaved rounds "
         f"after {WARMUP} warmup calls each, medians; torch runs the `graphopt.lower`ed module",
         load_note,
     )
@@ -136,15 +147,15 @@ def header(args: argparse.Namespace, load_note: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark, print the markdown report and write it to ``--out``."""
     args = parse_args(argv)
+    threads = [int(t) for t in args.threads.split(",")]
     rows = []
     start = time.time()
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models.split(","):
             try:
-                rows.append(bench_model(name.strip(), args.passes, args.threads, args.repeats, folder))
+                rows.append(bench_model(name.strip(), args.passes, threads, args.repeats, folder))
                 r = rows[-1]
-                print(f"{name}: {r['report'].nodes} nodes, torch {r['torch']:.3f} ms, ORT {r['ort']:.3f} ms",
-                      file=sys.stderr)
+                print(f"{name}: {r['report'].nodes} nodes, torch/ORT ms by threads {r['times']}", file=sys.stderr)
             except graphopt.GraphoptError as e:
                 rows.append({"model": name, "error": str(e).splitlines()[0][:200]})
                 print(f"{name}: FAILED {e}", file=sys.stderr)
@@ -152,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         load = f.read().split()[:3]
     note = (f"- load average at the end: {', '.join(load)} over {time.time() - start:.0f} s; numbers taken while "
             "other jobs shared the 2 cores are distorted: re-run on a quiet machine before quoting them")
-    publish(f"{header(args, note)}\n\n{table(rows)}\n\n{reading(rows)}\n", args.out)
+    publish(f"{header(args, note)}\n\n{table(rows, threads)}\n\n{reading(rows, threads)}\n", args.out)
 
 
 if __name__ == "__main__":
