@@ -209,3 +209,22 @@ def test_composes_with_channel_pruning_and_fusion(order):
     assert [r.modified for r in result.report.records] == [True, True, True]
     assert result.report.records[-1].params_after < result.report.records[0].params_before / 2
     assert outputs(result.module, rebatch(case.example_inputs, 3))[0].shape == (3, 10)
+
+
+def test_depth_pruning_then_finetune_keeps_digits_accuracy():
+    """Remove 1 of the 3 residual blocks of a trained digits CNN, fine-tune briefly: within 2 points."""
+    pytest.importorskip("sklearn", reason="the digits dataset ships with scikit-learn (a dev dependency)")
+    from digits import accuracy, torch_threads, train, trained_residual_digits_cnn
+
+    with torch_threads(1):
+        model, (x_train, y_train, x_test, y_test) = trained_residual_digits_cnn()
+        acc_full = accuracy(model, x_test, y_test)
+        assert acc_full >= 0.93, f"ResidualDigitsCNN reached only {acc_full:.4f}"
+        calib = [(x_train[i:i + 64],) for i in range(0, 256, 64)]
+        result = graphopt.optimize(model, [RemoveLayers(n=1)], (x_train[:2],), calib_data=calib)
+        record = result.report.records[0]
+        assert _removed(record.stats) == ["blocks.1"]  # the only unprotected one of blocks.0-2
+        assert record.params_after < 0.8 * record.params_before
+        train(result.module, x_train, y_train, epochs=4, lr=3e-3)
+        acc_pruned = accuracy(result.module, x_test, y_test)
+    assert acc_pruned >= acc_full - 0.02, (acc_full, acc_pruned)
