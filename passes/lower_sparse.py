@@ -37,6 +37,10 @@ def bake_parametrizations(root: torch.nn.Module) -> list[str]:
     baked = []
     for mod_name, mod in list(root.named_modules()):
         if parametrize.is_parametrized(mod):
+            # parametrize keeps the tensor as a property on the module's class, which copy.deepcopy shares between
+            # copies: give this module a class of its own so removing it here leaves other copies masked
+            cls = type(mod)
+            mod.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
             for tensor_name in list(mod.parametrizations.keys()):
                 parametrize.remove_parametrizations(mod, tensor_name, leave_parametrized=True)
                 baked.append(f"{mod_name}.{tensor_name}" if mod_name else tensor_name)

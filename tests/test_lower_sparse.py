@@ -192,3 +192,19 @@ def test_choice_depends_on_sparsity_pattern_and_rows():
     assert choose_format(scattered90, 1).fmt == "csr"
     choice = choose_format(scattered90, 1)
     assert choice.speedup > 1.2 and choice.how == "model"
+
+
+@pytest.mark.parametrize("pattern", ["8x1", "unstructured"])
+def test_after_the_sparsify_pass(pattern):
+    """sparsify leaves masks as parametrizations; lower-sparse bakes them (a deep copy keeps its masks)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 1024), nn.ReLU(), nn.Linear(1024, 256)).eval()
+    x = torch.randn(1, 256)
+    gm, _ = PassManager([f"sparsify:sparsity=0.9,pattern={pattern}"]).run(traced(model, (x,)), Context((x,)))
+    want = gm(x)
+    twin = copy.deepcopy(gm)
+    out, record = run_pass(gm, (x,))
+    assert set(record.stats["layers"].values()) == {"8x1" if pattern == "8x1" else "csr"}
+    torch.testing.assert_close(out(x), want, rtol=1e-4, atol=1e-4)
+    assert any(parametrize.is_parametrized(m) for m in twin.modules())
+    torch.testing.assert_close(twin(x), want)
