@@ -74,8 +74,12 @@ class Sparsify(Pass):
     finetune: Callable | None = None  # finetune(gm, step) between steps
 
     def __post_init__(self):
-        for pat in self.patterns:
-            _parse(pat[1])
+        for option, example in (("sparsities", "0.9"), ("patterns", "'1x4'")):
+            if not all(isinstance(e, (tuple, list)) and len(e) == 2 for e in getattr(self, option)):
+                raise PipelineError(f"sparsify: {option} takes (name pattern, value) pairs, e.g. "
+                                    f"{option}=(('layer4.*', {example}),)")
+        for _, pat in self.patterns:
+            _parse(pat)
         fixed = _parse(self.pattern).fixed_sparsity
         if self.sparsity is not None:
             _check_sparsity("sparsity", self.sparsity)
@@ -95,7 +99,7 @@ class Sparsify(Pass):
         return fixed if fixed is not None else (0.5 if self.sparsity is None else self.sparsity)
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
-        _check_names(gm, self.ignore + tuple(p for p, _ in self.sparsities) + tuple(p for p, _ in self.patterns))
+        self._check_names(gm)
         modified, stats = False, {}
         for step in range(1, self.steps + 1):
             changed, stats = self._apply(gm, step / self.steps)
@@ -110,8 +114,11 @@ class Sparsify(Pass):
         For fine-tuning loops of your own: call it every few optimizer steps with ``progress = step / total``;
         returns the same stats as the pass.
         """
-        _check_names(gm, self.ignore + tuple(p for p, _ in self.sparsities) + tuple(p for p, _ in self.patterns))
+        self._check_names(gm)
         return self._apply(gm, progress)[1]
+
+    def _check_names(self, gm: fx.GraphModule) -> None:
+        _check_names(gm, self.ignore + tuple(p for p, _ in self.sparsities) + tuple(p for p, _ in self.patterns))
 
     def _apply(self, gm: fx.GraphModule, progress: float) -> tuple[bool, dict]:
         layers, skipped = self._layers(gm)
@@ -123,7 +130,7 @@ class Sparsify(Pass):
             changed |= register_mask(gm, name, stored.contiguous(), str(layers[name][0]))
         return changed, self._stats(gm, layers, skipped)
 
-    def _layers(self, gm: fx.GraphModule) -> tuple[dict[str, tuple[Pattern, float]], dict[str, str]]:
+    def _layers(self, gm: fx.GraphModule) -> tuple[dict[str, tuple[Pattern, float | None, bool]], dict[str, str]]:
         """{weight name: (pattern, final sparsity, transposed)} of the layers to sparsify; {name: reason} of the rest."""
         candidates, skipped = find_layers(gm, skip_output=self.skip_output)
         layers = {}

@@ -327,6 +327,8 @@ def test_zoo_models(name):
     (dict(pattern="2:4", sparsity=0.9), "sparsify: pattern '2:4' fixes the sparsity at 0.5; leave 'sparsity' unset "
                                         "or use a block pattern"),
     (dict(steps=0), "sparsify: steps must be >= 1, got 0"),
+    (dict(patterns=("conv1",)), "sparsify: patterns takes (name pattern, value) pairs, e.g. "
+                                "patterns=(('layer4.*', '1x4'),)"),
 ])
 def test_bad_options(kwargs, message):
     with pytest.raises(graphopt.PipelineError) as info:
