@@ -7,8 +7,9 @@ task loss), optional mixed precision (bf16 autocast on CPU, fp16 or bf16 on GPU)
 loss history returned for the caller to check or plot.
 
 It trains graphopt's GraphModules as they are: a ``torch.export`` graph was captured in eval mode, so BatchNorm
-uses its running statistics and dropout is off while it trains (``.train()`` raises on such a module); ordinary
-``nn.Module`` students are switched to train mode and back to eval mode at the end.
+uses its running statistics and dropout is off while it trains (``.train()`` raises on such a module). Modules
+that can switch (ordinary ``nn.Module`` students, fake-quant graphs for QAT) train in train mode and are put back
+into the mode they were in.
 
 The module lives in ``training.py``, not ``finetune.py``: ``graphopt.finetune`` is the function, and a submodule
 of the same name would be shadowed by it.
@@ -16,6 +17,7 @@ of the same name would be shadowed by it.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Iterable
 
 import torch
@@ -23,10 +25,10 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from graphopt.errors import InputError
+from graphopt.errors import GraphoptWarning, InputError
 from graphopt.progress import progress
 
-__all__ = ["finetune", "distillation_loss", "finetune_callback"]
+__all__ = ["finetune", "distillation_loss", "finetune_callback", "unfreeze"]
 _AMP = {None: None, False: None, True: torch.bfloat16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
         "fp16": torch.float16, "float16": torch.float16}
 
@@ -61,7 +63,12 @@ def finetune(
         raise InputError("finetune: amp='fp16' needs a CUDA model; on CPU use amp='bf16'")
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
-        raise InputError(f"finetune: {type(module).__name__} has no trainable parameters")
+        raise InputError(f"finetune: {type(module).__name__} has no trainable parameters (all have "
+                         "requires_grad=False); hint: call p.requires_grad_() on those to train")
+    frozen = sum(1 for p in module.parameters() if not p.requires_grad)
+    if frozen:
+        warnings.warn(f"finetune: {frozen} parameter tensors have requires_grad=False and stay fixed",
+                      GraphoptWarning, stacklevel=2)
     batches = _batches(data, batch_size, seed)
     torch.manual_seed(seed)
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
@@ -71,6 +78,7 @@ def finetune(
     if teacher is not None:
         _set_mode(teacher, False)
     history: list[float] = []
+    was_training = module.training
     _set_mode(module, True)
     try:
         for epoch in range(epochs):
@@ -92,7 +100,7 @@ def finetune(
                 total, count = total + float(loss.detach()), count + 1
             history.append(total / max(count, 1))
     finally:
-        _set_mode(module, False)
+        _set_mode(module, was_training)
     return history
 
 
@@ -109,6 +117,15 @@ def finetune_callback(data: Any, **options: Any) -> Callable[[fx.GraphModule, in
     def recover(gm: fx.GraphModule, step: int) -> None:
         finetune(gm, data, **{"seed": step + 1, **options})
     return recover
+
+
+def unfreeze(module: nn.Module) -> nn.Module:
+    """Make every floating-point parameter trainable (some passes leave rewritten weights with
+    ``requires_grad=False``); returns the module."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            p.requires_grad_(True)
+    return module
 
 
 def _loss(out, y, x, loss_fn, teacher, temperature, alpha):
@@ -156,9 +173,12 @@ def _device_of(module: nn.Module) -> torch.device:
 
 
 def _set_mode(module: nn.Module, training: bool) -> None:
-    """train()/eval() on ordinary modules; exported GraphModules raise on it and train as captured."""
-    if not isinstance(module, fx.GraphModule):
+    """train()/eval(); a torch.export GraphModule raises on it (its graph fixes the mode) and trains as captured.
+    Other GraphModules switch (fake-quant's quantizers use the straight-through estimator in train mode)."""
+    try:
         module.train(training)
+    except (RuntimeError, NotImplementedError):
+        pass
 
 
 def _check_options(epochs: int, lr: float, amp: Any, alpha: float, temperature: float) -> None:

@@ -1,0 +1,179 @@
+"""The work behind ``graphopt optimize`` and ``graphopt inspect`` (argument parsing lives in cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from graphopt.cli_model import (
+    calibration_batches, finetune_data, inputs_of_saved, load_model, parse_shapes,
+)
+from graphopt.errors import InputError
+from graphopt.inputs import ExampleInputs
+from graphopt.metrics import count_macs, count_params, model_bytes
+from graphopt.report import _human
+
+
+def step(text: str) -> None:
+    """One line of progress for a long step, on stderr (stdout stays the result)."""
+    print(f"graphopt: {text}", file=sys.stderr, flush=True)
+
+
+def model_and_inputs(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, bool]:
+    """The MODEL argument built or loaded, its example inputs, and whether it came from a saved file."""
+    step(f"loading {args.model}")
+    model, saved = load_model(args.model)
+    if args.input_shape:
+        inputs = parse_shapes(args.input_shape, args.input_dtype)
+    elif saved:
+        inputs = inputs_of_saved(model)
+    else:
+        inputs = parse_shapes(None, args.input_dtype)
+    return model, inputs, saved
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    """Optimize MODEL with --passes; write model.graphopt, model.onnx, report.md and report.json into --out."""
+    import graphopt
+    from graphopt.training import finetune, unfreeze
+
+    model, inputs, saved = model_and_inputs(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ex = ExampleInputs.of(inputs)
+    calib = calibration_batches(args.calib, tuple(ex.args))
+    step(f"optimizing with passes: {args.passes or '(none)'}")
+    result = graphopt.optimize(model, args.passes or [], inputs, calib_data=calib)
+    if args.finetune:
+        data = finetune_data(args.finetune)
+        step(f"fine-tuning for {args.epochs} epochs{' with distillation' if args.distill else ''}")
+        unfreeze(result.module)  # rewritten weights (fuse) may come back with requires_grad=False
+        losses = finetune(result.module, data, epochs=args.epochs, lr=args.lr,
+                          teacher=model if args.distill else None)
+        step("fine-tune loss per epoch: " + ", ".join(f"{v:.4f}" for v in losses))
+    summary = _summary(model, result.module, inputs)
+    saved_path = graphopt.save(result, out / "model.graphopt", model=None if saved else model, example_inputs=inputs)
+    step(f"wrote {saved_path}")
+    onnx = None
+    if not args.no_onnx:
+        step("exporting ONNX and checking it with onnxruntime")
+        onnx = graphopt.export_onnx(result.module, inputs, out / "model.onnx", opset=args.opset)
+    _write_reports(out, args, result, summary, onnx)
+    print(result.report)
+    print()
+    print(_summary_table(summary))
+    if onnx is not None:
+        print()
+        print(onnx)
+    print(f"\nwrote {', '.join(str(out / n) for n in _written(onnx))}")
+    return 0
+
+
+def _summary(before: torch.nn.Module, after: torch.nn.Module, inputs: Any) -> dict:
+    return {
+        "params": [count_params(before), count_params(after)],
+        "macs": [count_macs(before, inputs), count_macs(after, inputs)],
+        "bytes": [model_bytes(before), model_bytes(after)],
+    }
+
+
+def _summary_table(summary: dict) -> str:
+    lines = ["| | original | optimized | ratio |", "|---|---:|---:|---:|"]
+    for key, label in (("params", "parameters"), ("macs", "MACs"), ("bytes", "weight bytes")):
+        a, b = summary[key]
+        lines.append(f"| {label} | {_human(a)} | {_human(b)} | {b / a:.2f}x |" if a else f"| {label} | 0 | {b} | - |")
+    return "\n".join(lines)
+
+
+def _written(onnx) -> list[str]:
+    return ["model.graphopt", *(["model.onnx"] if onnx is not None else []), "report.md", "report.json"]
+
+
+def _write_reports(out: Path, args: argparse.Namespace, result, summary: dict, onnx) -> None:
+    onnx_dict = None if onnx is None else {k: getattr(onnx, k) for k in onnx.__dataclass_fields__}
+    data = {"model": args.model, "passes": args.passes, "summary": summary, "report": result.report.to_dict(),
+            "onnx": onnx_dict, "written": _written(onnx), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (out / "report.json").write_text(json.dumps(data, indent=2, default=repr))
+    md = [f"# graphopt report: {args.model}", "", f"passes: `{args.passes or '(none)'}`", "",
+          _summary_table(summary), "", "```", str(result.report), "```"]
+    if onnx is not None:
+        md += ["", "```", str(onnx), "```"]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Print MODEL's channel groups (frozen channels with reasons), removable blocks and per-layer sizes."""
+    from graphopt.dependency import DependencyGraph
+    from graphopt.trace import trace
+
+    model, inputs, _ = model_and_inputs(args)
+    step("tracing and analysing channel dependencies")
+    gm = trace(model, inputs)
+    dep = DependencyGraph(gm)
+    print(f"{type(model).__name__}: captured with {gm.meta.get('graphopt_capture')}, "
+          f"{_human(count_params(gm))} parameters, {_human(count_macs(gm, inputs))} MACs")
+    _print_groups(dep)
+    _print_blocks(gm)
+    _print_layers(gm)
+    return 0
+
+
+def _print_groups(dep) -> None:
+    print(f"\nchannel groups: {len(dep.groups)} ({len(dep.prunable_groups)} prunable)")
+    frozen_groups: dict[str, list] = defaultdict(list)
+    for g in dep.groups:
+        reasons: dict[str, int] = defaultdict(int)
+        for reason in g.frozen.values():
+            reasons[reason] += 1
+        if not len(g.prunable):  # wholly frozen (kernel windows, model inputs, ...): summarized by reason below
+            frozen_groups[max(reasons, key=reasons.get) if reasons else "no prunable channel"].append(g)
+            continue
+        print(f"  #{g.index:<3d} {dep.group_kind(g):8s} {g.size:5d} channels, {len(g.prunable):5d} prunable: "
+              f"{_names(g.params())}")
+        for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:3]:
+            print(f"         {n} frozen: {reason}")
+    if frozen_groups:
+        print("frozen groups, by reason:")
+        for reason, groups in sorted(frozen_groups.items(), key=lambda kv: -len(kv[1])):
+            params = sorted({p for g in groups for p in g.params()})
+            print(f"  {len(groups):3d} x {reason}: {_names(params)}")
+
+
+def _names(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" (+{len(names) - shown} more)" if len(names) > shown else "")
+
+
+def _print_blocks(gm) -> None:
+    try:
+        from graphopt.blocks import find_blocks
+    except ImportError:
+        print("\nremovable blocks: (block analysis not available in this graphopt)")
+        return
+    blocks = find_blocks(gm)
+    print(f"\nremovable blocks: {len(blocks)}")
+    for b in blocks:
+        print(f"  {b.name:30s} {_human(b.numel):>8s} parameters")
+
+
+def _print_layers(gm) -> None:
+    per_module: dict[str, list] = defaultdict(list)
+    for name, p in gm.named_parameters():
+        per_module[name.rpartition(".")[0] or "<root>"].append((name.rpartition(".")[2], tuple(p.shape), p.numel()))
+    print(f"\nlayers: {len(per_module)}")
+    width = max((len(m) for m in per_module), default=10)
+    for module, params in per_module.items():
+        shapes = ", ".join(f"{n} {list(s)}" for n, s, _ in params)
+        print(f"  {module:{width}s} {_human(sum(n for *_, n in params)):>8s}  {shapes}")
+
+
+def check_out_dir(path: str) -> None:
+    """--out must be a directory (or not exist yet)."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise InputError(f"--out '{path}' is a file; hint: give a directory for the model, ONNX file and reports")
