@@ -23,6 +23,7 @@ from graphopt.kernels.build import library
 from graphopt.kernels.formats import FORMAT_CODE, PackedWeight, SparseFormatError, unpack
 
 _GROUP_ROWS = {"8x1": 8, "16x1": 16}
+_VALUES_PER_ENTRY = {"8x1": 8, "16x1": 16, "1x4": 4, "csr": 1}
 # Defined with torch.library.Library rather than @custom_op: the same schema, but the call costs ~10 us less
 # (measured 23 vs 57 us per call under load), which matters for batch-1 kernels of 50-300 us.
 _LIB = torch.library.Library("graphopt", "DEF")
@@ -32,6 +33,7 @@ _LIB.define("act_sparse_linear(Tensor x, Tensor weight_t, Tensor? bias, int thre
 
 
 def _check_args(x, values, cols, ptr, fmt, in_features, out_features):
+    """Checks on every call that read no tensor data (~1 us); pack()/validate() check indices and pointers."""
     if fmt not in FORMAT_CODE:
         raise SparseFormatError(f"graphopt::sparse_linear: unknown format '{fmt}'")
     if x.shape[-1] != in_features or x.device.type != "cpu":
@@ -42,6 +44,11 @@ def _check_args(x, values, cols, ptr, fmt, in_features, out_features):
     if values.dtype != torch.float32 or cols.dtype not in (torch.int16, torch.int32) or ptr.dtype != torch.int32:
         raise SparseFormatError("graphopt::sparse_linear: packed tensors must be float32 values, int16/int32 cols, "
                                 f"int32 ptr; got {values.dtype}, {cols.dtype}, {ptr.dtype}")
+    if not (values.is_contiguous() and cols.is_contiguous() and ptr.is_contiguous()) or \
+            values.numel() != cols.numel() * _VALUES_PER_ENTRY[fmt]:
+        raise SparseFormatError("graphopt::sparse_linear: packed tensors must be contiguous with "
+                                f"{_VALUES_PER_ENTRY[fmt]} values per column index ({values.numel()} values, "
+                                f"{cols.numel()} indices); re-pack the weight with graphopt.kernels.pack()")
     if ptr.numel() != -(-out_features // _GROUP_ROWS.get(fmt, 1)) + 1:
         raise SparseFormatError(f"graphopt::sparse_linear: ptr has {ptr.numel()} entries, which does not fit "
                                 f"{out_features} outputs in format {fmt}")
@@ -54,16 +61,30 @@ def sparse_linear(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, ptr
     _check_args(x, values, cols, ptr, fmt, in_features, out_features)
     lead = x.shape[:-1]
     fp32 = x.dtype == torch.float32
+    lib = library()
+    if fp32 and lib is not None and x.numel() == in_features and x.is_contiguous():
+        # batch 1, the case where call overhead matters most: the kernel writes straight into the output
+        y = torch.empty(*lead, out_features)
+        b = None if bias is None else _fp32(bias)  # held in a name: a temporary could be freed before the call
+        status = lib.sparse_linear(FORMAT_CODE[fmt], cols.element_size(), x.data_ptr(), values.data_ptr(),
+                                   cols.data_ptr(), ptr.data_ptr(), 0 if b is None else b.data_ptr(),
+                                   y.data_ptr(), out_features, 0, max(1, threads))
+        if status != 0:
+            raise SparseFormatError(f"graphopt::sparse_linear: the C kernel rejected its arguments (status {status})")
+        return y
     # the common case (fp32, contiguous) takes no conversions: each costs ~1 us of a 20-300 us call
     x2 = x.view(-1, in_features) if fp32 and x.is_contiguous() else x.reshape(-1, in_features).float().contiguous()
-    b = bias if bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()) else bias.float().contiguous()
-    lib = library()
+    b = None if bias is None else _fp32(bias)
     if lib is None or x2.shape[0] == 0:
         w = unpack(PackedWeight(fmt, out_features, in_features, values, cols, ptr))
         y = F.linear(x2, w, b)
     else:
         y = _run_kernel(lib, x2, values, cols, ptr, b, fmt, out_features, threads)
     return (y if fp32 else y.to(x.dtype)).view(*lead, out_features)
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
 
 
 def _run_kernel(lib, x2, values, cols, ptr, bias, fmt, out_features, threads):

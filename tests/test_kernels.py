@@ -196,3 +196,12 @@ def test_two_threads_match_one():
         for batch in (1, 9):
             x = torch.randn(batch, 200)
             torch.testing.assert_close(sparse_linear(x, packed, threads=2), sparse_linear(x, packed, threads=1))
+
+
+def test_op_rejects_inconsistent_packed_tensors():
+    packed = pack(zeroed(16, 32, 0.5), "8x1")
+    values, cols, ptr = packed.tensors()
+    with pytest.raises(SparseFormatError, match=r"8 values per column index \(\d+ values, \d+ indices\)"):
+        torch.ops.graphopt.sparse_linear(torch.randn(1, 32), values[:-8], cols, ptr, None, "8x1", 32, 16, 1)
+    with pytest.raises(SparseFormatError, match="ptr has 2 entries, which does not fit 16 outputs in format 8x1"):
+        torch.ops.graphopt.sparse_linear(torch.randn(1, 32), values, cols, ptr[:2], None, "8x1", 32, 16, 1)
