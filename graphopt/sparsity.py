@@ -26,7 +26,6 @@ import re
 from dataclasses import dataclass
 
 import torch
-import torch.fx as fx
 import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
 
@@ -268,8 +267,3 @@ def bake_masks(gm: nn.Module, names: list[str] | None = None) -> list[str]:
         baked.append(name)
     return baked
 
-
-def masked_layers_in_graph(gm: fx.GraphModule) -> list[str]:
-    """Masked weights that the graph actually reads (through get_attr nodes), in graph order."""
-    masks = weight_masks(gm)
-    return [n.target for n in gm.graph.nodes if n.op == "get_attr" and n.target in masks]
