@@ -26,3 +26,26 @@ def test_lowered_module_is_exact_plain_and_reexportable(name):
                                 case.example_inputs if isinstance(case.example_inputs, dict) else None,
                                 strict=False).module()
     torch.testing.assert_close(outputs(again, case.example_inputs), outputs(gm, case.example_inputs))
+
+
+@pytest.mark.parametrize("name", ["resnet_basic", "unet", "vit"])
+def test_channels_last_lowering_matches_and_leaves_the_source_alone(name):
+    case = build(name)
+    gm = graphopt.optimize(case.model, ["prune-channels:ratio=0.5"], case.example_inputs).module
+    strides = {k: v.stride() for k, v in gm.state_dict().items()}
+    low = lower(gm, case.example_inputs, memory_format="channels_last")
+    assert {k: v.stride() for k, v in gm.state_dict().items()} == strides  # gm's weights untouched
+    convs = [n for n in low.graph.nodes if n.op == "call_function" and n.target is torch.conv2d]
+    for conv in convs:
+        assert low.get_parameter(conv.args[1].target).is_contiguous(memory_format=torch.channels_last)
+    for batch in (case.example_inputs, rebatch(case.example_inputs, 3)):
+        got, want = outputs(low, batch), outputs(gm, batch)
+        for g, w in zip(got, want):
+            assert g.is_contiguous()  # callers get the standard layout back
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_memory_format_is_refused():
+    case = build("mlp")
+    with pytest.raises(ValueError, match="memory_format must be 'preserve' or 'channels_last', not 'nhwc'"):
+        lower(graphopt.trace(case.model, case.example_inputs), case.example_inputs, memory_format="nhwc")
