@@ -54,6 +54,8 @@ def trace(
         raise InputError(
             f"graphopt expects a torch.nn.Module, got {type(model).__name__}; wrap plain functions in an nn.Module"
         )
+    if capture not in ("auto", "export", "fx"):
+        raise InputError(f"capture must be 'auto', 'export' or 'fx', not {capture!r}")
     inputs = ExampleInputs.of(example_inputs)
     model = copy.deepcopy(model) if copy_model else model
     model.eval()

@@ -176,6 +176,11 @@ def test_bad_example_inputs_type():
         graphopt.trace(nn.Linear(2, 2), {torch.randn(2)})
 
 
+def test_unknown_capture_route_is_refused():
+    with pytest.raises(graphopt.InputError, match=r"^capture must be 'auto', 'export' or 'fx', not 'symbolic_trace'$"):
+        graphopt.trace(nn.Linear(2, 2), torch.randn(1, 2), capture="symbolic_trace")
+
+
 def test_single_tensor_input_is_accepted():
     model = nn.Linear(3, 2).eval()
     x = torch.randn(4, 3)
