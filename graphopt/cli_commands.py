@@ -64,7 +64,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     onnx = None
     if not args.no_onnx:
         step("exporting ONNX and checking it with onnxruntime")
-        onnx = graphopt.export_onnx(result.module, inputs, out / "model.onnx", opset=args.opset)
+        onnx = _export(result.module, inputs, out / "model.onnx", args.opset)
     _write_reports(out, args, result, summary, onnx)
     print(result.report)
     print()
@@ -74,6 +74,19 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         print(onnx)
     print(f"\nwrote {', '.join(str(out / n) for n in _written(onnx))}")
     return 0
+
+
+def _export(module, inputs, path: Path, opset: int | None):
+    """ONNX export: QDQ with int8 weight initializers for a fake-quant graph, plain float otherwise."""
+    import graphopt
+
+    try:
+        from graphopt.quant import export_qdq, quantizers
+    except ImportError:
+        quantizers = None
+    if quantizers is not None and quantizers(module):
+        return export_qdq(module, inputs, path, opset=opset)
+    return graphopt.export_onnx(module, inputs, path, opset=opset)
 
 
 def _summary(before: torch.nn.Module, after: torch.nn.Module, inputs: Any) -> dict:

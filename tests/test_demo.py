@@ -26,7 +26,7 @@ def test_quick_demo_compresses_exports_and_plots(tmp_path, capsys):
         assert (tmp_path / name).stat().st_size > 0, name
     assert (tmp_path / "accuracy_vs_ratio.png").read_bytes()[:4] == b"\x89PNG"
     final = graphopt.load(tmp_path / "digits_final.graphopt")  # the saved final model loads and checks itself
-    assert graphopt.count_params(final.module) == params[3]
+    assert abs(graphopt.count_params(final.module) - params[3]) <= 10  # the table rounds to 4 digits
 
 
 def graphopt_num(text: str) -> float:
