@@ -54,7 +54,28 @@ static void block_gemv(const float* x, const float* vals, const I* cols, const i
     }
 }
 
-// xT: K x BP, yT: N x BP (BP a multiple of 8). Per group: R rows x 8 batch entries of accumulators.
+// xT: K x BP, yT: N x BP (BP a multiple of 8). Per group: R rows x (V x 8) batch entries of accumulators; V is a
+// template constant so a batch of 8 does not pay for a second, all-zero vector.
+template <int R, int V, typename I>
+static inline void block_spmm_tile(const float* xT, const float* vals, const I* cols, int32_t begin, int32_t end,
+                                   const float* bias, float* yT, int64_t r0, int64_t rows, int64_t BP, int64_t b) {
+    v8 acc[R][V];
+    for (int r = 0; r < R; ++r)
+        for (int v = 0; v < V; ++v) acc[r][v] = v8{};
+    for (int32_t p = begin; p < end; ++p) {
+        const float* xr = xT + (int64_t)cols[p] * BP + b;
+        v8 xv[V];
+        for (int v = 0; v < V; ++v) xv[v] = ld8(xr + 8 * v);
+        const float* w = vals + (int64_t)p * R;
+        for (int r = 0; r < R; ++r)
+            for (int v = 0; v < V; ++v) acc[r][v] += w[r] * xv[v];
+    }
+    for (int r = 0; r < rows; ++r) {
+        const float bv = bias ? bias[r0 + r] : 0.f;
+        for (int v = 0; v < V; ++v) st8(yT + (r0 + r) * BP + b + 8 * v, acc[r][v] + bv);
+    }
+}
+
 template <int R, typename I>
 static void block_spmm(const float* xT, const float* vals, const I* cols, const int32_t* ptr, const float* bias,
                        float* yT, int64_t N, int64_t BP, int threads) {
@@ -62,22 +83,9 @@ static void block_spmm(const float* xT, const float* vals, const I* cols, const 
     PARALLEL_FOR
     for (int64_t g = 0; g < groups; ++g) {
         const int64_t r0 = g * R, rows = N - r0 < R ? N - r0 : R;
-        for (int64_t b = 0; b < BP; b += 16) {
-            const bool two = b + 16 <= BP;  // 16 batch entries (2 x 8) when there are that many left
-            v8 acc[R][2];
-            for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = v8{};
-            for (int32_t p = ptr[g]; p < ptr[g + 1]; ++p) {
-                const float* xr = xT + (int64_t)cols[p] * BP + b;
-                const v8 x0 = ld8(xr), x1 = two ? ld8(xr + 8) : v8{};
-                const float* w = vals + (int64_t)p * R;
-                for (int r = 0; r < R; ++r) { acc[r][0] += w[r] * x0; acc[r][1] += w[r] * x1; }
-            }
-            for (int r = 0; r < rows; ++r) {
-                const float bv = bias ? bias[r0 + r] : 0.f;
-                st8(yT + (r0 + r) * BP + b, acc[r][0] + bv);
-                if (two) st8(yT + (r0 + r) * BP + b + 8, acc[r][1] + bv);
-            }
-        }
+        int64_t b = 0;
+        for (; b + 16 <= BP; b += 16) block_spmm_tile<R, 2, I>(xT, vals, cols, ptr[g], ptr[g + 1], bias, yT, r0, rows, BP, b);
+        if (b < BP) block_spmm_tile<R, 1, I>(xT, vals, cols, ptr[g], ptr[g + 1], bias, yT, r0, rows, BP, b);
     }
 }
 
@@ -162,23 +170,27 @@ static void csr_gemv(const float* x, const float* vals, const I* cols, const int
     }
 }
 
+template <int V, typename I>
+static inline void csr_spmm_tile(const float* xT, const float* vals, const I* cols, int32_t begin, int32_t end,
+                                 float bv, float* yrow, int64_t BP, int64_t b) {
+    v8 acc[V];
+    for (int v = 0; v < V; ++v) acc[v] = v8{};
+    for (int32_t p = begin; p < end; ++p) {
+        const float* xr = xT + (int64_t)cols[p] * BP + b;
+        for (int v = 0; v < V; ++v) acc[v] += vals[p] * ld8(xr + 8 * v);
+    }
+    for (int v = 0; v < V; ++v) st8(yrow + b + 8 * v, acc[v] + bv);
+}
+
 template <typename I>
 static void csr_spmm(const float* xT, const float* vals, const I* cols, const int32_t* ptr, const float* bias,
                      float* yT, int64_t N, int64_t BP, int threads) {
     PARALLEL_FOR
     for (int64_t n = 0; n < N; ++n) {
         const float bv = bias ? bias[n] : 0.f;
-        for (int64_t b = 0; b < BP; b += 16) {
-            const bool two = b + 16 <= BP;
-            v8 a0 = {}, a1 = {};
-            for (int32_t p = ptr[n]; p < ptr[n + 1]; ++p) {
-                const float* xr = xT + (int64_t)cols[p] * BP + b;
-                a0 += vals[p] * ld8(xr);
-                if (two) a1 += vals[p] * ld8(xr + 8);
-            }
-            st8(yT + n * BP + b, a0 + bv);
-            if (two) st8(yT + n * BP + b + 8, a1 + bv);
-        }
+        int64_t b = 0;
+        for (; b + 32 <= BP; b += 32) csr_spmm_tile<4, I>(xT, vals, cols, ptr[n], ptr[n + 1], bv, yT + n * BP, BP, b);
+        for (; b + 8 <= BP; b += 8) csr_spmm_tile<1, I>(xT, vals, cols, ptr[n], ptr[n + 1], bv, yT + n * BP, BP, b);
     }
 }
 
