@@ -67,7 +67,8 @@ def test_empty_rows_columns_and_all_zero_weight():
             packed = pack(weight, fmt)
             for batch in (1, 8):
                 x = torch.randn(batch, 36)
-                torch.testing.assert_close(sparse_linear(x, packed, torch.ones(40)), F.linear(x, weight, torch.ones(40)))
+                bias = torch.ones(40)
+                torch.testing.assert_close(sparse_linear(x, packed, bias), F.linear(x, weight, bias))
 
 
 def test_leading_dims_threads_and_int32_indices():

@@ -84,8 +84,9 @@ static void block_spmm(const float* xT, const float* vals, const I* cols, const 
     for (int64_t g = 0; g < groups; ++g) {
         const int64_t r0 = g * R, rows = N - r0 < R ? N - r0 : R;
         int64_t b = 0;
-        for (; b + 16 <= BP; b += 16) block_spmm_tile<R, 2, I>(xT, vals, cols, ptr[g], ptr[g + 1], bias, yT, r0, rows, BP, b);
-        if (b < BP) block_spmm_tile<R, 1, I>(xT, vals, cols, ptr[g], ptr[g + 1], bias, yT, r0, rows, BP, b);
+        const int32_t begin = ptr[g], end = ptr[g + 1];
+        for (; b + 16 <= BP; b += 16) block_spmm_tile<R, 2, I>(xT, vals, cols, begin, end, bias, yT, r0, rows, BP, b);
+        if (b < BP) block_spmm_tile<R, 1, I>(xT, vals, cols, begin, end, bias, yT, r0, rows, BP, b);
     }
 }
 
