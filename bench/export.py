@@ -4,9 +4,9 @@ For each zoo model: run the pipeline (default ``prune-channels:ratio=0.5,fuse``)
 ``graphopt.export_onnx`` (dynamic batch, onnxsim, onnxruntime verification), then time the lowered torch module
 (``graphopt.lower``) and the onnxruntime session on the same batch-1 inputs, interleaved round by round
 (``graphopt.paired_latency``), both at the same fixed thread count (2, then 1: on a loaded 2-core machine a
-2-thread OpenMP region stalls when a thread is descheduled, so the 1-thread figures are the steadier ones). Only one onnxruntime session is alive at a time: an idle
-session keeps a spinning worker thread that would slow everything else down (FACTS.md). The markdown table goes to
-stdout and to ``--out``.
+2-thread OpenMP region stalls when a thread is descheduled, so the 1-thread figures are the steadier ones). Only
+one onnxruntime session is alive at a time: an idle session keeps a spinning worker thread that would slow
+everything else down (FACTS.md). The markdown table goes to stdout and to ``--out``.
 
 Run from the repository root::
 
@@ -119,8 +119,9 @@ def reading(rows: list[dict], threads: list[int]) -> str:
             "torch.export-based exporter already folds constants and BatchNorm, so most graphs come out minimal. ")
     for t in threads:
         speed = {r["model"]: r["times"][t][0] / r["times"][t][1] for r in ok}
-        text += (f"torch/onnxruntime at batch 1, {t} thread{'s' if t > 1 else ''}: {geomean(list(speed.values())):.2f}x "
-                 f"(geometric mean), from {min(speed.values()):.2f}x ({min(speed, key=speed.get)}) to "
+        text += (f"torch/onnxruntime at batch 1, {t} thread{'s' if t > 1 else ''}: "
+                 f"{geomean(list(speed.values())):.2f}x (geometric mean), from {min(speed.values()):.2f}x "
+                 f"({min(speed, key=speed.get)}) to "
                  f"{max(speed.values()):.2f}x ({max(speed, key=speed.get)}). ")
     text += ("These models are tiny, so per-op overhead (Python dispatch in eager torch) weighs heavily on the torch "
              "side. ")
@@ -138,8 +139,8 @@ def header(args: argparse.Namespace, load_note: str) -> str:
         f"- torch {torch.__version__}, onnxruntime {onnxruntime.__version__}",
         f"- pipeline before export: `{args.passes}`; export: `graphopt.export_onnx` defaults (torch.export-based "
         "exporter, dynamic batch, onnxsim, verified at batch 1 and 2)",
-        f"- timing: batch 1, {args.threads} threads (each count for torch and onnxruntime alike), {args.repeats} interleaved rounds "
-        f"after {WARMUP} warmup calls each, medians; torch runs the `graphopt.lower`ed module",
+        f"- timing: batch 1, {args.threads} threads (each count for torch and onnxruntime alike), "
+        f"{args.repeats} interleaved rounds after {WARMUP} warmup calls each, medians; torch runs the `graphopt.lower`ed module",
         load_note,
     )
 
@@ -155,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 rows.append(bench_model(name.strip(), args.passes, threads, args.repeats, folder))
                 r = rows[-1]
-                print(f"{name}: {r['report'].nodes} nodes, torch/ORT ms by threads {r['times']}", file=sys.stderr)
+                print(f"{name}: {r['report'].nodes} nodes, torch/ORT ms by threads {r['times']}",
+                      file=sys.stderr)
             except graphopt.GraphoptError as e:
                 rows.append({"model": name, "error": str(e).splitlines()[0][:200]})
                 print(f"{name}: FAILED {e}", file=sys.stderr)

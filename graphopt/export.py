@@ -349,7 +349,7 @@ def _verify(path: str, flat: FlatIO, batched: list[bool], rtol: float, atol: flo
         for tensors, want in batches:
             got = run_ort(session, flat.input_names, tensors)
             sizes.append(next((t.shape[0] for t, b in zip(tensors, batched) if b), _batch_of(tensors)))
-            errors = compare(flat.output_names, got, want, rtol, atol)
+            errors = compare(flat.output_names, got, want, rtol, atol, sizes[-1])
             raise_if_disagrees(errors, sizes[-1], rtol, atol)
             worst_abs = max([worst_abs] + [e.max_abs for e in errors])
             worst_rel = max([worst_rel] + [e.max_rel for e in errors])

@@ -42,8 +42,13 @@ class FlatIO(nn.Module):
         self.input_names = _unique([
             _input_name(path, arg_names) for path, leaf in leaves_with_paths if isinstance(leaf, torch.Tensor)
         ])
-        with torch.no_grad():
-            named = named_tensors(ExampleInputs(inputs.args, inputs.kwargs).call(module))
+        try:
+            with torch.no_grad():
+                named = named_tensors(inputs.call(module))
+        except Exception as e:  # any failure here means the inputs do not fit the module
+            raise InputError(f"example_inputs {inputs.describe()} do not fit {type(module).__name__}: "
+                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; pass the inputs the "
+                             "module is called with (a tuple of positional inputs or a dict of keyword inputs)") from e
         if not named:
             raise InputError(f"{type(module).__name__} returns no tensor on {inputs.describe()}: nothing to export")
         # unique across inputs too: ONNX names one value per name, and an output may be called like an input

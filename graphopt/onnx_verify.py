@@ -36,17 +36,28 @@ def ort_session(path: str, threads: int = 1):
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3  # errors only: ORT warns about every unused initializer otherwise
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # e.g. an op or opset this onnxruntime does not implement
+        raise VerifyError(f"onnxruntime cannot load '{path}': {str(e).splitlines()[0]}; try another opset=... or "
+                          "exporter, or export with verify=False to use the file with another runtime") from e
 
 
 def run_ort(session, input_names: Sequence[str], tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
     """Run ``session`` on ``tensors`` fed to ``input_names`` in order; every output, in graph order."""
     feeds = {name: t.detach().cpu().numpy() for name, t in zip(input_names, tensors)}
-    return session.run(None, feeds)
+    try:
+        return session.run(None, feeds)
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidArgument types
+        shapes = ", ".join(f"{n}={tuple(t.shape)}" for n, t in zip(input_names, tensors))
+        raise VerifyError(
+            f"onnxruntime could not run the exported model on {shapes}: {str(e).splitlines()[0]}; if only the second "
+            "batch size fails, the export fixed the batch: export with dynamic_batch=False, or try the other exporter"
+        ) from e
 
 
 def compare(names: Sequence[str], got: Sequence[np.ndarray], want: Sequence[torch.Tensor],
-            rtol: float, atol: float) -> list[OutputError]:
+            rtol: float, atol: float, batch: int) -> list[OutputError]:
     """Per output: max abs and rel error of ``got`` (onnxruntime) against ``want`` (torch)."""
     if len(got) != len(want):
         raise VerifyError(f"the ONNX model returns {len(got)} outputs, the torch module {len(want)}; "
@@ -55,8 +66,10 @@ def compare(names: Sequence[str], got: Sequence[np.ndarray], want: Sequence[torc
     for name, g, w in zip(names, got, want):
         w = w.detach().cpu().numpy()
         if g.shape != w.shape:
-            raise VerifyError(f"ONNX output `{name}` has shape {tuple(g.shape)}, torch {tuple(w.shape)}; the export "
-                              "specialized a dimension: export with example inputs of the shape you serve")
+            raise VerifyError(
+                f"ONNX output `{name}` has shape {tuple(g.shape)}, torch {tuple(w.shape)} at batch {batch}; the "
+                "export fixed a dimension (often the batch, read as a Python int somewhere): export with "
+                "dynamic_batch=False, or with example inputs of the shape you serve")
         g64, w64 = g.astype(np.float64), w.astype(np.float64)
         diff = np.abs(g64 - w64)
         if diff.size == 0:
