@@ -74,10 +74,9 @@ def test_finetune_option_trains_after_the_passes(tmp_path, capsys):
     assert "fine-tune loss per epoch: " in capsys.readouterr().err
 
 
-def test_inspect_prints_groups_blocks_and_layers():
-    proc = _run("inspect", ZOO_MODEL, "--input-shape", "1,3,32,32")
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
+def test_inspect_prints_groups_blocks_and_layers(capsys):
+    assert main(["inspect", ZOO_MODEL, "--input-shape", "1,3,32,32"]) == 0  # tests/ is on sys.path
+    out = capsys.readouterr().out
     assert "channel groups: 31 (7 prunable)" in out
     assert "frozen groups, by reason:" in out and "model input `x`" in out and "model output" in out
     assert "removable blocks: 2" in out and "layers.0 " in out

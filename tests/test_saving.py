@@ -222,3 +222,23 @@ def test_uncalibrated_quantizer_is_refused_at_save(tmp_path):
     next(iter(quantizers(res.module).values())).state = "observe"
     with pytest.raises(SaveError, match=r"quantizer of `.*` is not calibrated yet; run the pipeline with calib_data="):
         save(res, tmp_path / "q.graphopt")
+
+
+class _Payload:
+    """An object whose unpickling would run code: create a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickled_code_in_the_file_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.graphopt"
+    torch.save({"meta": "{}", "tensors": {}, "check_inputs": [], "check_outputs": [], "sha256": "",
+                "extra": _Payload(marker)}, path)
+    with pytest.raises(LoadError, match="not a readable graphopt file"):
+        load(path)
+    assert not marker.exists()
