@@ -70,32 +70,48 @@ def _is_assert(node: fx.Node) -> bool:
     return node.op == "call_function" and not node.users and "assert" in getattr(node.target, "__name__", "")
 
 
-def _mutates(node: fx.Node) -> bool:
-    """True for ops that write to their inputs (in-place, ``out=``): erasing them could change other values.
-
-    (fx's ``is_impure`` also flags random ops such as attention with dropout, which are fine to erase here.)"""
+def _written(node: fx.Node) -> list:
+    """The arguments an op writes to (in-place ``relu_``, ``out=``); empty for functional ops."""
     schema = getattr(node.target, "_schema", None)
-    return bool(schema is not None and schema.is_mutable)
+    if schema is None or not schema.is_mutable:
+        return []
+    written = []
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            written.append(node.args[i] if i < len(node.args) else node.kwargs.get(arg.name))
+    return written
 
 
 def _body_of(value: fx.Node, add: fx.Node, order: dict[fx.Node, int]) -> set[fx.Node]:
-    """Nodes that become dead once ``add`` stops reading ``value``: ``value`` and every ancestor used only by them."""
+    """Nodes that become dead once ``add`` stops reading ``value``: ``value`` and every ancestor used only by them.
+
+    An in-place op (``relu_`` of ``nn.ReLU(inplace=True)``) belongs to the body only if what it writes does too;
+    otherwise erasing it would change a value outside (such ops are excluded and the body recomputed)."""
+    blocked: set[fx.Node] = set()
+    while True:
+        body = _dead_after(value, add, order, blocked)
+        outside = {n for n in body if any(w not in body for w in _written(n))}
+        if not outside:
+            return body
+        blocked |= outside
+
+
+def _dead_after(value: fx.Node, add: fx.Node, order: dict, blocked: set) -> set[fx.Node]:
     body: set[fx.Node] = set()
     frontier = [value]
     while frontier:  # visit candidates from the latest back, so users are decided before the nodes they read
         frontier.sort(key=order.__getitem__)
         node = frontier.pop()
-        if node in body or node.op in ("placeholder", "output"):
+        if node in body or node in blocked or node.op in ("placeholder", "output", "call_module"):
             continue
         users = [u for u in node.users if not _is_assert(u)]
         if node is value:
             ok = all(u is add for u in users)
         else:
             ok = bool(users) and all(u in body for u in users)
-        if not ok or node.op == "call_module" or _mutates(node):
-            continue
-        body.add(node)
-        frontier.extend(n for n in node.all_input_nodes if n not in body)
+        if ok:
+            body.add(node)
+            frontier.extend(n for n in node.all_input_nodes if n not in body)
     return body
 
 

@@ -172,8 +172,8 @@ class _Probe(fx.Interpreter):
         if n in self.skip:
             return None  # body of a dropped block: nobody outside reads it
         out = self.env[self.kept[n]] if n in self.kept else super().run_node(n)
-        if n in self.watch:
-            self.seen[n] = out
+        if n in self.watch:  # a copy: a later in-place op (relu_ after the add) would change it under us
+            self.seen[n] = out.clone() if isinstance(out, torch.Tensor) else out
         return out
 
 

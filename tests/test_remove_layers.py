@@ -228,3 +228,26 @@ def test_depth_pruning_then_finetune_keeps_digits_accuracy():
         train(result.module, x_train, y_train, epochs=4, lr=3e-3)
         acc_pruned = accuracy(result.module, x_test, y_test)
     assert acc_pruned >= acc_full - 0.02, (acc_full, acc_pruned)
+
+
+class InplaceBlock(nn.Module):
+    """torchvision's habit: nn.ReLU(inplace=True) inside the branch and after the add (aten.relu_ in the graph)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.relu = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(True)
+
+    def forward(self, x):
+        return self.relu(self.conv2(self.relu(self.conv1(x))) + x)
+
+
+def test_blocks_with_in_place_relu_are_found_and_removed_exactly():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), *[InplaceBlock() for _ in range(3)]).eval()
+    x = (torch.randn(2, 3, 8, 8),)
+    result = graphopt.optimize(model, [RemoveLayers(n=1, use_example_inputs=True)], x)
+    assert _removed(result.report.records[0].stats) == ["2"]
+    with torch.no_grad():
+        model[2].conv2.weight.zero_()
+        model[2].conv2.bias.zero_()
+    torch.testing.assert_close(result.module(*x), model(*x))
