@@ -52,7 +52,7 @@ def test_calibrated_model_is_close_to_float_and_batch_dynamic(resnet):
     assert all(q.calibrated for q in quantizers(res.module).values())
 
 
-@pytest.mark.parametrize("name", ["mobilenetv2", "densenet"])
+@pytest.mark.parametrize("name", ["mobilenetv2"])  # the rest of the zoo: bench/quant.py
 def test_zoo_cnn_sqnr(name):
     case = build(name)
     res = graphopt.optimize(case.model, "fake-quant", case.example_inputs, calib_data=_calib(case.example_inputs))

@@ -10,6 +10,10 @@ int8 QLinearAdd and needs a Q right after every conv feeding an add, so both inp
 maps (rank-4 tensors) are quantized. Attention-mask adds and the residual adds of transformers (which feed
 LayerNorm, a float op) are left alone.
 
+onnxruntime also runs a conv in int8 only when a Q follows it (``DQ -> Conv -> Q``; a ReLU or ReLU6 in between is
+folded into the Q). So conv rows have ``output=True``: a conv whose result reaches no quantizer through ReLUs (it
+feeds a concat, a hardswish, a pooling) gets one on its output. A result that is a model output stays float.
+
 An activation quantizer belongs to the *tensor*: every quantized reader of one tensor reads the same quantized
 copy, other readers keep the float value.
 """
@@ -39,10 +43,11 @@ class Rule:
     weight_axis: int | None = 0  # output-channel axis of the weight; None quantizes it per tensor
     condition: str | None = None  # name of a predicate in CONDITIONS
     action: str = "quantize"  # or "float"
+    output: bool = False  # also quantize the result, unless a quantizer already reads it (through a ReLU)
 
 
 PLACEMENT = (
-    Rule("conv", (aten.conv1d, aten.conv2d, aten.conv3d), activations=(0,), weight=1),
+    Rule("conv", (aten.conv1d, aten.conv2d, aten.conv3d), activations=(0,), weight=1, output=True),
     Rule("conv-transpose", (aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d),
          activations=(0,), weight=1, weight_axis=None),  # output channels are split over groups on dim 1
     Rule("linear", (aten.linear,), activations=(0,), weight=1),
