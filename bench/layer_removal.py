@@ -70,7 +70,7 @@ MODELS = {"resnet50": lambda a: resnet(a.size), "llama": lambda a: llama(a.seq)}
 def ranking(traced, example, calib, criterion: str) -> list[tuple[str, float]]:
     """Every unprotected block with its score, lowest first (what remove-layers would drop first)."""
     gm = copy.deepcopy(traced)
-    n = len(find_blocks(gm)) - 2
+    n = len(find_blocks(gm)) - 2  # every unprotected block, to get all their scores
     gm, report = graphopt.PassManager([RemoveLayers(n=n, criterion=criterion)]).run(
         gm, graphopt.Context(example, calib_data=calib))
     scores = report.records[0].stats["scores"]

@@ -48,7 +48,7 @@ class RemoveLayers(Pass):
     """Remove ``n`` residual blocks (or a ``fraction`` of them, or the named ``blocks``) chosen by ``criterion``."""
 
     name: ClassVar[str] = "remove-layers"
-    n: int = 0
+    n: int | None = None  # blocks to remove; with neither n, fraction nor blocks given: 1
     fraction: float = 0.0
     criterion: str = "block-influence"
     blocks: tuple = ()  # explicit module names to remove (layers or branches); overrides n/fraction/criterion
@@ -59,10 +59,11 @@ class RemoveLayers(Pass):
     max_batches: int = 0  # 0: every calibration batch
 
     def __post_init__(self):
-        chosen = [k for k, v in (("n", self.n), ("fraction", self.fraction), ("blocks", self.blocks)) if v]
+        given = (("n", self.n is not None), ("fraction", bool(self.fraction)), ("blocks", bool(self.blocks)))
+        chosen = [k for k, v in given if v]
         if len(chosen) > 1:
             raise PipelineError(f"remove-layers: give one of n, fraction or blocks, not {' and '.join(chosen)}")
-        if not isinstance(self.n, int) or self.n < 0:
+        if self.n is not None and (not isinstance(self.n, int) or self.n < 0):
             raise PipelineError(f"remove-layers: n must be a non-negative integer, got {self.n!r}")
         if not 0 <= self.fraction < 1:
             raise PipelineError(f"remove-layers: fraction must be in [0, 1), got {self.fraction}")
@@ -80,7 +81,7 @@ class RemoveLayers(Pass):
         if self.blocks:
             chosen, scores = self._named(gm), {}
         else:
-            count = self.n or int(round(self.fraction * len(candidates)))
+            count = self.n if self.n is not None else (round(self.fraction * len(candidates)) if self.fraction else 1)
             if count == 0:
                 return PassResult(gm, False, {"removed": "none", "blocks_found": len(candidates)})
             chosen, scores = self._ranked(gm, ctx, candidates, count)
