@@ -73,31 +73,35 @@ def insert_quantizers(gm: fx.GraphModule, placement: Placement, scheme: Scheme) 
             site.node.replace_input_with(act, act_nodes[act])
             names.append(act_nodes[act].target)
     for site in placement.sites:
-        if site.rule.output and _needs_output_quantizer(gm, site.node):
-            q = _quantize_activation(gm, site.node, site, scheme)
-            site.node.replace_all_uses_with(q, delete_user_cb=lambda user: user is not q)
+        target = _output_to_quantize(gm, site.node) if site.rule.output else None
+        if target is not None:
+            q = _quantize_activation(gm, target, site, scheme)
+            target.replace_all_uses_with(q, delete_user_cb=lambda user: user is not q)
             owners[site.layer].append(q.target)
     return owners
 
 
-_RELU_LIKE = (torch.ops.aten.relu, torch.ops.aten.relu_, torch.ops.aten.hardtanh, torch.ops.aten.hardtanh_)
+# ops a quantizer may sit after: ReLUs fold into onnxruntime's Q, eval BatchNorm (QAT keeps it) folds into the conv
+_RELU_LIKE = (torch.ops.aten.relu, torch.ops.aten.relu_, torch.ops.aten.hardtanh, torch.ops.aten.hardtanh_,
+              torch.ops.aten.batch_norm)
 
 
-def _needs_output_quantizer(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """False when the result already reaches a quantizer through ReLU-like ops, or is a model output."""
+def _output_to_quantize(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """Where a layer's result should be quantized: the end of its single-user chain of ReLUs and BatchNorms;
+    None when that chain already reaches a quantizer or a model output."""
     from graphopt.graph_utils import is_op
 
     current = node
     while True:
         users = list(current.users)
         if any(u.op == "output" for u in users):
-            return False
+            return None
         if any(u.op == "call_module" and isinstance(gm.get_submodule(u.target), FakeQuantize) for u in users):
-            return False
+            return None
         if len(users) == 1 and is_op(users[0], *_RELU_LIKE):
             current = users[0]
             continue
-        return True
+        return current
 
 
 def _quantize_weight(gm: fx.GraphModule, site: Site, scheme: Scheme) -> str:
