@@ -223,9 +223,7 @@ def _reused_torchlib_registry() -> Iterator[None]:
 def _export_legacy(flat: FlatIO, batched: list[bool], opset: int | None):
     import onnx
 
-    axes = {n: {0: "batch"} for n, b in zip(flat.input_names, batched) if b}
-    if axes:
-        axes.update({n: {0: "batch"} for n in flat.output_names})
+    axes = {n: {0: "batch"} for n, b in zip(flat.input_names, batched) if b}  # outputs' dims follow by inference
     buffer = io.BytesIO()
     torch.onnx.export(
         flat, tuple(flat.tensors), buffer, dynamo=False, opset_version=opset, input_names=flat.input_names,
@@ -238,8 +236,10 @@ def _export_legacy(flat: FlatIO, batched: list[bool], opset: int | None):
 _OP_PATTERNS = (
     re.compile(r"target=(torch\.ops\.[\w.]+)"),
     re.compile(r"OpOverload\(op='([\w.:]+)'"),
-    re.compile(r"(aten::\w+|aten\.\w+(?:\.\w+)?)"),
     re.compile(r"Unsupported: .*?operator ([\w.:]+)"),
+    re.compile(r"Exporting the operator '([\w.:]+)'"),  # the legacy exporter's wordings
+    re.compile(r"unrecognized namespace ([\w.:]+)"),
+    re.compile(r"(aten::\w+|aten\.\w+(?:\.\w+)?)"),  # last: any ATen name in the text
 )
 _NODE_PATTERN = re.compile(r"%(\w+)\s*:")
 

@@ -235,6 +235,11 @@ def test_exporter_failure_names_the_op_and_the_fallback(tmp_path):
     assert "graphopt_test" in msg and "mystery" in msg
     assert "try exporter='legacy' (the TorchScript exporter)" in msg
     assert not (tmp_path / "m.onnx").exists()
+    with pytest.raises(ExportError) as err:
+        export_onnx(UsesMystery().eval(), (torch.randn(2, 4),), tmp_path / "m.onnx", exporter="legacy")
+    msg = str(err.value)
+    assert msg.startswith("the legacy ONNX exporter could not export UsesMystery at op `graphopt_test")
+    assert "try exporter='dynamo' (the default torch.export-based exporter)" in msg
 
 
 class DriftingModule(nn.Module):
