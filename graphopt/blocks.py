@@ -31,7 +31,9 @@ _PROJECTION_OPS = (aten.conv1d, aten.conv2d, aten.conv3d, aten.linear)
 
 @dataclass(frozen=True)
 class Branch:
-    """One residual add: ``add`` computes ``kept + body``; removing the branch makes ``add`` equal ``kept``."""
+    """One residual add: ``add`` computes ``kept + body``; removing the branch makes ``add`` equal ``kept``.
+
+    (For a plain shape-preserving layer, ``add`` is the layer's output node and ``kept`` its input.)"""
 
     add: fx.Node
     kept: fx.Node  # the value that replaces the add: x (identity skip) or the projection's output
@@ -222,12 +224,22 @@ def _child_with_most_params(gm: fx.GraphModule, branch: Branch) -> str:
     return "+".join(sorted(per_child, key=lambda c: min(i for i, p in enumerate(branch.params) if p.startswith(c))))
 
 
-def find_blocks(gm: fx.GraphModule, unit: str = "layer", allow_projection: bool = False) -> list[Block]:
+def find_blocks(gm: fx.GraphModule, unit: str = "layer", allow_projection: bool = False,
+                plain: bool = False) -> list[Block]:
     """Removable blocks of ``gm`` in graph order: whole layers (``unit="layer"``) or single branches.
 
     A layer is every branch under one list entry (``model.layers.3``: attention and MLP). Branches outside any
-    list are blocks of their own, named by their module.
+    list are blocks of their own, named by their module. ``plain`` adds shape-preserving modules without a skip.
     """
+    blocks = _residual_blocks(gm, unit, allow_projection)
+    if not plain:
+        return blocks
+    taken = {n for b in blocks for br in b.branches for n in (*br.body, br.add)}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return sorted(blocks + find_plain_layers(gm, taken), key=lambda b: order[b.output])
+
+
+def _residual_blocks(gm: fx.GraphModule, unit: str, allow_projection: bool) -> list[Block]:
     branches = find_branches(gm, allow_projection)
     per_layer: dict[str, list[Branch]] = defaultdict(list)
     for b in branches:
@@ -250,6 +262,50 @@ def find_blocks(gm: fx.GraphModule, unit: str = "layer", allow_projection: bool 
         name = b.owner if b.owner and not shared else _child_with_most_params(gm, b)
         blocks.append(Block(name, (b,), _numel(gm, b.params)))
     return blocks
+
+
+def _module_paths(node: fx.Node) -> list[str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    return [path for path, _ in stack.values() if path]
+
+
+def find_plain_layers(gm: fx.GraphModule, taken: set[fx.Node] = frozenset()) -> list[Block]:
+    """Shape-preserving modules without a skip (``features.3`` = conv-BN-ReLU 32->32): one tensor in, one out, the
+    same shape, a conv or linear with parameters, and nodes used only inside. Removing one replaces its output by its input. Only the
+    outermost such module counts, and none whose nodes are in ``taken`` (residual blocks)."""
+    members: dict[str, set[fx.Node]] = defaultdict(set)
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            for path in _module_paths(n):
+                members[path].add(n)
+    found: dict[str, Block] = {}
+    for path in sorted(members, key=lambda p: p.count(".")):  # outer modules first
+        if any(path.startswith(outer + ".") for outer in found):
+            continue
+        block = _plain_block(gm, path, members[path], taken)
+        if block is not None:
+            found[path] = block
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return sorted(found.values(), key=lambda b: order[b.output])
+
+
+def _plain_block(gm: fx.GraphModule, path: str, nodes: set[fx.Node], taken) -> Block | None:
+    if nodes & taken:
+        return None
+    attrs = {i for n in nodes for i in n.all_input_nodes if i.op == "get_attr" and len(i.users) == 1}
+    body = nodes | attrs
+    inputs = {i for i in _inputs_of(body) if shape_of(i) is not None}  # tensors; sizes (sym ints) aside
+    exits = [n for n in nodes if any(u not in body and not _is_assert(u) for u in n.users)]
+    params = _params_of(gm, body)
+    computes = any(is_op(n, *_PROJECTION_OPS) for n in nodes)  # a conv or linear, not a lone norm
+    if len(inputs) != 1 or len(exits) != 1 or not params or not computes or any(_written(n) for n in nodes):
+        return None
+    (x,), (y,) = inputs, exits
+    if not _same_shape(x, y):
+        return None
+    ordered = tuple(n for n in gm.graph.nodes if n in body and n is not y)
+    branch = Branch(y, x, ordered, params, path)
+    return Block(path, (branch,), _numel(gm, params))
 
 
 def remove_blocks(gm: fx.GraphModule, blocks: list[Block]) -> None:

@@ -14,6 +14,8 @@ batches (``calib_data`` of ``graphopt.optimize``) by one criterion:
   directly; the blocks whose removal hurts least go.
 
 or by an explicit list of names (``blocks=("layers.2", "model.layers.7.mlp")``; protection does not apply).
+With ``plain=True``, shape-preserving modules without a skip (a conv-BN-ReLU 32->32 in a VGG stack) are candidates
+too: removing one replaces its output by its input.
 Cosines are taken along the feature axis: channels for 4-D (N, C, H, W) tensors, the last axis otherwise.
 Without ``calib_data`` a data-driven criterion raises InputError, unless ``use_example_inputs=True`` (then the
 example inputs are the only calibration batch: fine for tests, a weak signal for real decisions).
@@ -55,6 +57,7 @@ class RemoveLayers(Pass):
     unit: str = "layer"  # "layer": whole transformer layers / ResNet blocks; "branch": attention or MLP alone
     protect: tuple = ("first", "last")  # "first", "last" and fnmatch patterns of block names that stay
     allow_projection: bool = False  # also remove blocks with a projection shortcut, keeping the projection
+    plain: bool = False  # also shape-preserving modules without a skip (conv-BN-ReLU 32->32): replaced by x
     use_example_inputs: bool = False  # score on the example inputs when no calib_data was given
     max_batches: int = 0  # 0: every calibration batch
 
@@ -77,7 +80,7 @@ class RemoveLayers(Pass):
         if any(shape_of(n) is None for n in gm.graph.nodes if n.op == "call_function"
                and n.target == torch.ops.aten.add.Tensor):
             propagate(gm, ctx.inputs, fake=True)  # block detection compares shapes
-        candidates = find_blocks(gm, self.unit, self.allow_projection)
+        candidates = find_blocks(gm, self.unit, self.allow_projection, self.plain)
         if self.blocks:
             chosen, scores = self._named(gm), {}
         else:
@@ -98,11 +101,11 @@ class RemoveLayers(Pass):
 
     def _named(self, gm: fx.GraphModule) -> list[Block]:
         """The blocks named in ``blocks`` (layer or branch names); PassError for a name that is none."""
-        known = {b.name: b for unit in UNITS for b in find_blocks(gm, unit, self.allow_projection)}
+        known = {b.name: b for unit in UNITS for b in find_blocks(gm, unit, self.allow_projection, self.plain)}
         chosen, adds = [], set()
         for name in self.blocks:
             if name not in known:
-                raise PassError(_not_a_block(gm, name, known, self.allow_projection))
+                raise PassError(_not_a_block(gm, name, known, self.allow_projection, self.plain))
             block = known[name]
             if not adds & {br.add for br in block.branches}:  # a layer and one of its branches: remove once
                 chosen.append(block)
@@ -148,8 +151,11 @@ class RemoveLayers(Pass):
         return batches
 
 
-def _not_a_block(gm: fx.GraphModule, name: str, known: dict, allow_projection: bool) -> str:
+def _not_a_block(gm: fx.GraphModule, name: str, known: dict, allow_projection: bool, plain: bool) -> str:
     listing = ", ".join(known) or "none"
+    if not plain and name in {b.name for b in find_blocks(gm, "layer", allow_projection, plain=True)}:
+        return (f"remove-layers: '{name}' is a shape-preserving layer without a skip connection; pass plain=True "
+                "to allow replacing it by its input")
     if not allow_projection:
         projected = {b.name for u in UNITS for b in find_blocks(gm, u, True) if b.projection}
         if name in projected:
@@ -168,6 +174,8 @@ class _Probe(fx.Interpreter):
         self.kept = {br.add: br.kept for b in drop for br in b.branches}
         self.skip = {n for b in drop for br in b.branches for n in br.body}
         self.skip |= {u for n in self.skip for u in n.users if not u.users and "assert" in str(u.target)}
+        keep = set(self.kept.values())  # a plain layer's input is last read inside it: keep it for its output
+        self.user_to_last_uses = {n: [v for v in vs if v not in keep] for n, vs in self.user_to_last_uses.items()}
 
     def run_node(self, n: fx.Node) -> Any:
         if n in self.skip:

@@ -251,3 +251,18 @@ def test_blocks_with_in_place_relu_are_found_and_removed_exactly():
         model[2].conv2.weight.zero_()
         model[2].conv2.bias.zero_()
     torch.testing.assert_close(result.module(*x), model(*x))
+
+
+def test_plain_shape_preserving_layers_on_request():
+    case, gm = _traced("vgg")
+    assert [b.name for b in find_blocks(gm)] == []
+    assert [b.name for b in find_blocks(gm, plain=True)] == ["features.1", "features.4", "features.8"]
+    with pytest.raises(PassError, match="'features.4' is a shape-preserving layer without a skip connection; "
+                                        "pass plain=True"):
+        graphopt.optimize(case.model, [RemoveLayers(blocks=("features.4",))], case.example_inputs)
+    result = graphopt.optimize(case.model, [RemoveLayers(n=1, plain=True, criterion="output-error")],
+                               case.example_inputs, calib_data=_calib(case))
+    record = result.report.records[0]
+    assert _removed(record.stats) == ["features.4"]  # the only unprotected one
+    assert record.params_before - record.params_after == 32 * 32 * 9 + 2 * 32  # conv, BN scale and shift
+    assert outputs(result.module, rebatch(case.example_inputs, 3))[0].shape == (3, 10)
