@@ -37,12 +37,17 @@ def resolve(root: nn.Module, qualified: str):
 
 
 def set_parameter(gm: fx.GraphModule, qualified: str, value: torch.Tensor) -> None:
-    """Store ``value`` as a parameter named ``qualified``, creating owner modules as needed."""
+    """Store ``value`` as a parameter named ``qualified``, creating owner modules as needed.
+
+    It stays trainable like the parameter it replaces (a new one is trainable): values computed under no_grad
+    (folded weights) must not come back frozen, or fine-tuning after the pass would silently train nothing."""
     owner_name, _, leaf = qualified.rpartition(".")
     owner = _ensure_module(gm, owner_name)
+    old = owner._parameters.get(leaf)
     if leaf in owner._buffers:
         del owner._buffers[leaf]
-    owner.register_parameter(leaf, nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad))
+    trainable = old.requires_grad if old is not None else True
+    owner.register_parameter(leaf, nn.Parameter(value.detach().clone(), requires_grad=trainable))
 
 
 def _ensure_module(root: nn.Module, qualified: str) -> nn.Module:

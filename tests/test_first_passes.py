@@ -35,6 +35,8 @@ def test_fuse_removes_every_batch_norm_that_follows_a_single_use_layer(name):
     assert record.params_after < record.params_before
     if name != "densenet":  # DenseNet's BNs follow concats (pre-activation), not convs
         assert left == 0, res.module.code
+    frozen = [n for n, p in res.module.named_parameters() if not p.requires_grad]
+    assert not frozen, f"folded parameters must stay trainable: {frozen[:3]}"
 
 
 def _conv_bn(conv, bn_dims, x, bn_features):
