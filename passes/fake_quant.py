@@ -12,6 +12,7 @@ DequantizeLinear ONNX.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import warnings
 from dataclasses import dataclass
 from typing import ClassVar
@@ -74,7 +75,7 @@ class FakeQuant(Pass):
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         batches = calibrate.check_batches(ctx.calib_data, ctx.inputs)  # before anything changes
         check_dtypes(placement.plan(gm, tuple(self.skip)))
-        if any(isinstance(m, type(q)) for m in gm.modules() for q in quantizers(gm).values()):
+        if quantizers(gm):
             raise PipelineError("fake-quant: the graph is already fake-quantized; run the pass once")
         with warnings.catch_warnings():  # torch's own pytree spec warns while being deep-copied
             warnings.simplefilter("ignore", FutureWarning)
@@ -116,6 +117,4 @@ class FakeQuant(Pass):
 
 
 def _match(name: str, pattern: str) -> bool:
-    import fnmatch
-
     return fnmatch.fnmatchcase(name, pattern)
