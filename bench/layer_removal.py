@@ -90,7 +90,7 @@ def variants(traced, example, order: list[tuple[str, float]], max_blocks: int):
     return out
 
 
-def bench_model(name: str, args) -> str:
+def bench_model(name: str, args) -> tuple[str, dict]:
     model, example, calib, held_out = MODELS[name](args)
     traced = graphopt.trace(model, example)
     propagate(traced, graphopt.inputs.ExampleInputs.of(example), fake=True)
@@ -101,6 +101,7 @@ def bench_model(name: str, args) -> str:
     latency = graphopt.paired_latency(fns, warmup=3, repeats=args.repeats, threads=args.threads)
     want = outputs(model, held_out)[0]
     base = latency[0].median_ms
+    series = {"removed": [], "speedup": [], "error": []}
     lines = ["| " + " | ".join(COLUMNS + (("top-1 kept",) if name == "llama" else ())) + " |",
              "|" + "---|" * (len(COLUMNS) + (name == "llama"))]
     for k, gm, macs in rows:
@@ -112,8 +113,29 @@ def bench_model(name: str, args) -> str:
         if name == "llama":
             cells.append(f"{float((got.argmax(-1) == want.argmax(-1)).float().mean()):.3f}")
         lines.append("| " + " | ".join(cells) + " |")
+        for key, value in (("removed", k), ("speedup", base / latency[k].median_ms), ("error", err)):
+            series[key].append(value)
     shape = f"{args.size}x{args.size} images" if name == "resnet50" else f"{args.seq} tokens"
-    return f"\n## {name} (batch 1, {shape}; {len(order)} removable unprotected blocks)\n\n" + "\n".join(lines)
+    text = f"\n## {name} (batch 1, {shape}; {len(order)} removable unprotected blocks)\n\n" + "\n".join(lines)
+    return text, series
+
+
+def plot(results: dict[str, dict], path: Path) -> None:
+    """Speedup and output error against the number of removed blocks, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for name, s in results.items():
+        left.plot(s["removed"], s["speedup"], marker="o", label=name)
+        right.plot(s["removed"], s["error"], marker="o", label=name)
+    left.set(xlabel="blocks removed", ylabel="speedup (batch 1)", title="latency")
+    right.set(xlabel="blocks removed", ylabel="||y_k - y|| / ||y||", title="output error (random weights)")
+    left.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def parse_args(argv=None):
@@ -126,20 +148,24 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--note", default="", help="a line for the header (e.g. 'taken under load')")
-    p.add_argument("--out", default=str(ROOT / "bench/results/layer_removal.md"))
+    p.add_argument("--out", default=str(ROOT / "bench/results/layer_removal.md"), help="also writes a .png beside it")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.manual_seed(0)
-    sections = [bench_model(name, args) for name in args.models.split(",")]
+    results = {name: bench_model(name, args) for name in args.models.split(",")}
+    sections = [text for text, _ in results.values()]
     head = provenance(
         "Depth pruning: latency, size and output error as residual blocks are removed one by one",
         f"- criterion: {args.criterion} (ranked once on 4 calibration batches of 2; first and last block "
         "protected); latency of the lowered graph, median of interleaved rounds",
         f"- threads: {args.threads}, rounds: {args.repeats}", *([f"- note: {args.note}"] if args.note else []))
-    publish(head + "\n" + "\n".join(sections) + "\n", args.out)
+    png = Path(args.out).with_suffix(".png")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    plot({name: series for name, (_, series) in results.items()}, png)
+    publish(head + f"\n\n![speedup and output error]({png.name})\n" + "\n".join(sections) + "\n", args.out)
 
 
 if __name__ == "__main__":
