@@ -6,6 +6,12 @@ the number of rows the layer sees on the example inputs, and replaces the op wit
 packed buffers. A layer stays dense when no format is predicted (or, with ``benchmark=True``, measured) to beat
 dense ``F.linear`` by ``min_speedup``: lowering never makes a layer slower by its own estimate.
 
+GPU: weights on a CUDA device (or any weight with ``target="gpu"``) take the GPU formats instead: a weight whose
+zeros are exactly 2:4 becomes a torch semi-structured sparse tensor (kernels/semi_structured.py; Ampere or newer),
+and one whose nonzeros fill at most ``gpu_max_tile_density`` of its 32x32 (or 16x16) tiles runs the Triton
+block-sparse kernel ``graphopt::bsr_linear`` (kernels/triton_bsr.py; the torch reference where Triton cannot run).
+Other layers stay dense. That threshold is a rule of thumb, not yet measured on a GPU (bench/sparse_gpu.py).
+
 Weights held through ``torch.nn.utils.parametrize`` (as the ``sparsify`` pass leaves them: W = original * mask) are
 baked first, so the packed weight is exactly the masked one and the output equals the masked dense model.
 """
@@ -25,6 +31,7 @@ from graphopt.graph_utils import (
 import graphopt.kernels  # noqa: F401  (registers torch.ops.graphopt.sparse_linear)
 from graphopt.kernels.choose import choose_format
 from graphopt.kernels.formats import FORMATS, SparseFormatError, pack, validate
+from graphopt.kernels import semi_structured, triton_bsr
 from graphopt.pipeline import Context, Pass, PassResult
 from graphopt.registry import register_pass
 from graphopt.shapes import shape_of
@@ -145,8 +152,12 @@ class LowerSparse(Pass):
     min_speedup: float = 1.2        # a format must beat dense by this factor (predicted or measured)
     threads: int = 1                # threads per kernel call (1: small kernels lose to thread start-up)
     rows: int = 0                   # input rows per call to plan for; 0 = as on the example inputs
+    target: str = "auto"            # "auto": GPU formats for CUDA weights, CPU formats otherwise; "cpu" / "gpu"
+    gpu_max_tile_density: float = 0.5  # block-sparse on GPU only when at most this share of tiles is stored
 
     def __post_init__(self):
+        if self.target not in ("auto", "cpu", "gpu"):
+            raise SparseFormatError(f"lower-sparse: unknown target '{self.target}'; choose auto, cpu or gpu")
         bad = [f for f in self.formats if f not in FORMATS]
         if bad:
             raise SparseFormatError(f"lower-sparse: unknown format(s) {bad}; choose from {', '.join(FORMATS)}")
@@ -160,6 +171,13 @@ class LowerSparse(Pass):
                 continue
             x, w2, bias, is_conv = layer_op
             layer = _layer_name(node, 2 if is_op(node, aten.addmm) else 1)
+            if self.target == "gpu" or (self.target == "auto" and w2.is_cuda):
+                decision = self._decide_gpu(w2, layer)
+                decisions[layer] = decision if isinstance(decision, str) else decision[0]
+                if not isinstance(decision, str):
+                    self._replace_gpu(gm, node, x, bias, decision, layer, is_conv)
+                    lowered += 1
+                continue
             decision = self._decide(w2, _rows_per_call(x, is_conv, self.rows or 1))
             decisions[layer] = decision if isinstance(decision, str) else decision.fmt
             if not isinstance(decision, str):
@@ -186,6 +204,64 @@ class LowerSparse(Pass):
         if choice.fmt is None:
             return f"dense: no format beats dense by {self.min_speedup}x at {rows} rows ({choice.how})"
         return choice
+
+    def _decide_gpu(self, w2: torch.Tensor, layer: str):
+        """("2:4", semi-structured weight) or ("bsr AxB", packed weight), or a string saying why it stays dense."""
+        if not w2.is_floating_point() or w2.numel() == 0:
+            return "dense: not a floating-point weight"
+        sparsity = float((w2 == 0).sum()) / w2.numel()
+        if sparsity < self.min_sparsity:
+            return f"dense: sparsity {sparsity:.0%} < min_sparsity {self.min_sparsity:.0%}"
+        why = []
+        if w2.shape[1] % 4 == 0 and semi_structured.violations_2to4(w2) == 0:
+            try:
+                return "2:4", semi_structured.to_semi_structured(w2.contiguous(), what=f"weight of {layer}")
+            except SparseFormatError as e:  # no CUDA, older GPU, unsupported dtype or shape: try block-sparse
+                why.append(f"2:4 unavailable ({str(e).split(': ', 1)[-1].split(';')[0]})")
+        if w2.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            packed = min((triton_bsr.pack_bsr(w2, (b, b), what=f"weight of {layer}") for b in (32, 16)),
+                         key=lambda p: p.cols.numel() * p.block_n * p.block_k)  # fewest stored values; 32 on ties
+            if packed.density <= self.gpu_max_tile_density:
+                return f"bsr {packed.block_n}x{packed.block_k}", packed
+            why.append(f"{packed.density:.0%} of {packed.block_n}x{packed.block_k} tiles nonzero > "
+                       f"gpu_max_tile_density {self.gpu_max_tile_density:.0%}")
+        return "dense: " + ("; ".join(why) or f"no GPU format for {w2.dtype}")
+
+    def _replace_gpu(self, gm: fx.GraphModule, node: fx.Node, x, bias, decision, layer: str, is_conv: bool) -> None:
+        """Swap one layer for the 2:4 weight (aten.linear on a semi-structured tensor) or graphopt::bsr_linear."""
+        kind, payload = decision
+        graph = gm.graph
+        if kind == "2:4":
+            names = self._register(gm, node, layer, [("weight", payload)])
+        else:
+            triton_bsr.validate_bsr(payload, f"block-sparse weight of {layer}")
+            names = self._register(gm, node, layer, list(zip(("values", "cols", "ptr"), payload.tensors())))
+        with graph.inserting_before(node):
+            attrs = [graph.get_attr(n) for n in names]
+            if is_conv:  # NCHW -> NHWC rows (contiguous: the 2:4 kernels need it), the same linear, and back
+                x = graph.call_function(aten.permute.default, (x, [0, 2, 3, 1]))
+                x = graph.call_function(aten.contiguous.default, (x,))
+            if kind == "2:4":
+                y = graph.call_function(aten.linear.default, (x, attrs[0], bias))
+            else:
+                y = graph.call_function(torch.ops.graphopt.bsr_linear.default,
+                                        (x, *attrs, bias, payload.in_features, payload.out_features))
+            if is_conv:
+                y = graph.call_function(aten.permute.default, (y, [0, 3, 1, 2]))
+        node.replace_all_uses_with(y)
+        graph.erase_node(node)
+
+    def _register(self, gm: fx.GraphModule, node: fx.Node, layer: str, parts) -> list[str]:
+        """Register (part, tensor) pairs as buffers next to the layer's weight; their qualified names."""
+        names = []
+        for part, tensor in parts:
+            qualified = free_attr_name(gm, f"{layer}.sparse_{part}" if layer != node.name else f"{layer}_{part}")
+            owner, leaf = owner_and_leaf(gm, qualified) if _has_owner(gm, qualified) else (gm, qualified)
+            if owner is gm:
+                qualified = leaf = qualified.replace(".", "_")
+            owner.register_buffer(leaf, tensor)
+            names.append(qualified)
+        return names
 
     def _replace(self, gm: fx.GraphModule, node: fx.Node, x, bias, packed, layer: str, is_conv: bool) -> None:
         validate(packed, f"packed weight of {layer}")

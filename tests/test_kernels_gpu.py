@@ -210,3 +210,66 @@ def test_semi_structured_2to4_on_cuda(dtype):
         to_semi_structured(torch.randn(64, 128, device="cuda", dtype=dtype))
     with pytest.raises(SparseFormatError, match=r"needs a weight shape that is a multiple of"):
         to_semi_structured(prune_2to4(torch.randn(64, 132, device="cuda", dtype=dtype)), backend="cutlass")
+
+
+# ---- lower-sparse: the GPU formats --------------------------------------------------------------------------------
+
+class GpuMix(torch.nn.Module):
+    """A 1x1 conv and three Linears whose zeros suit block-sparse, 2:4, and neither."""
+
+    def __init__(self):
+        super().__init__()
+        self.pw = torch.nn.Conv2d(64, 96, 1)
+        self.tiled = torch.nn.Linear(96, 128)
+        self.two4 = torch.nn.Linear(128, 64)
+        self.scattered = torch.nn.Linear(64, 64)
+        with torch.no_grad():
+            self.pw.weight.copy_(sparse_weight(96, 64, 0.8, seed=1, block=(32, 32)).view(96, 64, 1, 1))
+            self.tiled.weight.copy_(sparse_weight(128, 96, 0.8, seed=2, block=(16, 16)))
+            self.two4.weight.copy_(prune_2to4(self.two4.weight))
+            self.scattered.weight.copy_(sparse_weight(64, 64, 0.9, seed=3))
+
+    def forward(self, x):
+        x = torch.relu(self.pw(x)).mean((2, 3))
+        return self.scattered(torch.relu(self.two4(torch.relu(self.tiled(x)))))
+
+
+def lower_gpu_mix(device, target):
+    import graphopt
+    from graphopt import Context, PassManager
+    from graphopt.passes.lower_sparse import LowerSparse
+
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    model = GpuMix().eval().to(device, dtype)
+    x = torch.randn(2, 64, 4, 4, device=device, dtype=dtype)
+    gm = graphopt.trace(model, (x,))
+    out, report = PassManager([LowerSparse(target=target)]).run(gm, Context((x,)))
+    return model, x, out, report.records[-1].stats
+
+
+def test_lower_sparse_gpu_target_on_cpu_uses_block_sparse_op():
+    model, x, out, stats = lower_gpu_mix("cpu", "gpu")
+    layers = stats["layers"]
+    assert layers["pw"] == "bsr 32x32" and layers["tiled"] == "bsr 16x16"
+    assert layers["two4"].startswith("dense: 2:4 unavailable (2:4 semi-structured sparsity runs on CUDA only")
+    assert layers["scattered"] == ("dense: 100% of 32x32 tiles nonzero > gpu_max_tile_density 50%")
+    assert stats["lowered"] == 2
+    ops = [n.target for n in out.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.graphopt.bsr_linear.default) == 2
+    torch.testing.assert_close(out(x), model(x))
+
+
+def test_lower_sparse_auto_keeps_cpu_formats_for_cpu_weights():
+    _, _, out, stats = lower_gpu_mix("cpu", "auto")
+    assert not any(str(v).startswith(("bsr", "2:4")) for v in stats["layers"].values())
+    assert torch.ops.graphopt.bsr_linear.default not in [n.target for n in out.graph.nodes]
+
+
+@needs_cuda
+def test_lower_sparse_picks_gpu_formats_for_cuda_weights():
+    model, x, out, stats = lower_gpu_mix("cuda", "auto")
+    layers = stats["layers"]
+    assert layers["pw"] == "bsr 32x32" and layers["tiled"] == "bsr 16x16"
+    if torch.cuda.get_device_capability() >= (8, 0):
+        assert layers["two4"] == "2:4"
+    torch.testing.assert_close(out(x), model(x), rtol=2e-2, atol=2e-2)
