@@ -72,8 +72,10 @@ def paired_ms(paths: list[str], inputs, rounds: int, reps: int = 5) -> list[list
     return times
 
 
-def bench_model(name: str, rounds: int, folder: Path) -> dict:
+def bench_model(name: str, rounds: int, folder: Path, image_size: int | None = None) -> dict:
     case = build(name)
+    if image_size and isinstance(case.example_inputs, tuple):  # larger images: compute-bound like real CNN serving
+        case.example_inputs = (torch.randn(2, 3, image_size, image_size),)
     calib = [rebatch(case.example_inputs, 8, seed=i) for i in range(4)]
     res = graphopt.optimize(case.model, "fake-quant", case.example_inputs, calib_data=calib)
     x = rebatch(case.example_inputs, 8, seed=99)
@@ -112,11 +114,12 @@ def digits_accuracy() -> dict:
             "qat": accuracy(convert(qat), x_test, y_test)}
 
 
-def report(rows: list[dict], digits: dict, rounds: int) -> str:
+def report(rows: list[dict], digits: dict | None, rounds: int, image_size: int | None = None) -> str:
+    size = f"{image_size}x{image_size}" if image_size else "32x32"
     lines = [provenance(
-        "int8 QDQ vs fp32 in onnxruntime (fake-quant pass)",
+        f"int8 QDQ vs fp32 in onnxruntime (fake-quant pass), images {size}",
         f"- onnxruntime CPU, {THREADS} threads, spinning off; {rounds} interleaved rounds x 5 runs, median per round, "
-        "median of per-round ratios; zoo models at their test-zoo input size (32x32 images, Bert seq 8)",
+        f"median of per-round ratios; zoo models on {size} images (Bert: seq 8)",
         "- taken on a shared 2-core machine while other jobs ran: absolute times are noisy, ratios less so",
         "- SQNR: torch int8 simulation vs float on random inputs; ORT SQNR: onnxruntime int8 vs torch simulation",
         "- int8 kernels: ops onnxruntime runs in int8 after its QDQ fusions (its optimized graph); float: "
@@ -141,6 +144,8 @@ def report(rows: list[dict], digits: dict, rounds: int) -> str:
                   f"file size {geomean([r['fp32_bytes'] / r['int8_bytes'] for r in cnn]):.2f}x smaller."]
     lines += ["", "Which kernels ran, per model:", ""]
     lines += [f"- {r['model']}: {r.get('kernels') or 'none'}" for r in rows if "error" not in r]
+    if digits is None:
+        return "\n".join(lines) + "\n"
     lines += ["", "## digits CNN (sklearn digits, test split)", "", "| model | accuracy | delta vs float |",
               "|---|---|---|"]
     for k in ("float", "ptq", "qat"):
@@ -153,6 +158,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--models", default=",".join([*CNN_NAMES, "hf_bert"]))
     parser.add_argument("--out", default=str(ROOT / "bench/results/quant.md"))
+    parser.add_argument("--image-size", type=int, default=None, help="image side for the CNNs (default: zoo's 32)")
+    parser.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
+    parser.add_argument("--skip-digits", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     warnings.simplefilter("ignore")
@@ -160,11 +168,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             try:
-                rows.append(bench_model(name, args.rounds, Path(tmp)))
+                rows.append(bench_model(name, args.rounds, Path(tmp), args.image_size))
             except Exception as e:  # a failing model is a result too
                 rows.append({"model": name, "error": f"{type(e).__name__}: {str(e)[:120]}"})
             print(rows[-1], file=sys.stderr, flush=True)
-    publish(report(rows, digits_accuracy(), args.rounds), args.out)
+    text = report(rows, None if args.skip_digits else digits_accuracy(), args.rounds, args.image_size)
+    if args.append and Path(args.out).exists():
+        text = Path(args.out).read_text() + "\n" + text.replace("# int8 QDQ", "## int8 QDQ", 1)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":
