@@ -197,3 +197,23 @@ def test_custom_op_without_rule_warns_and_freezes_then_a_registered_rule_unlocks
         warnings.simplefilter("error", graphopt.GraphoptWarning)
         gm = graphopt.optimize(WithCustomOp(), ["prune-channels:ratio=0.5"], x).module
     assert gm.get_parameter("a.weight").shape[0] == 4
+
+
+class BufferMoved(nn.Module):
+    """A buffer moved with ``.to(device)`` before use (HF rotary ``inv_freq`` under no_grad): aten.to of a get_attr."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 8))
+
+    def forward(self, x):
+        return self.out(self.lin(x) * self.scale.to(x.device))
+
+
+def test_a_buffer_moved_with_to_prunes_with_its_channels():
+    x = torch.randn(2, 4)
+    with torch.no_grad():  # HF decoders traced under no_grad hit this form
+        res = graphopt.optimize(BufferMoved(), "prune-channels:ratio=0.5", (x,))
+    assert res.module.scale.shape == (4,) and res.module.lin.weight.shape == (4, 4)
+    assert res.module(torch.randn(3, 4)).shape == (3, 3)

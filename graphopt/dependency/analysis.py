@@ -246,7 +246,9 @@ def _sizes_match(value, meta) -> bool:
     if meta is None or value is None:
         return True
     if isinstance(value, TensorKeys):
-        return hasattr(meta, "shape") and tuple(len(d) for d in value.dims) == tuple(int(s) for s in meta.shape)
+        # a parameter passed through unchanged (x.to(dtype) of a weight) may still have unbound (None) dims
+        sizes = tuple(len(d) if d is not None else n for d, n in zip(value.dims, value.sizes))
+        return hasattr(meta, "shape") and sizes == tuple(int(s) for s in meta.shape)
     if isinstance(value, (tuple, list)) and not hasattr(meta, "shape"):
         return len(value) == len(meta) and all(_sizes_match(v, m) for v, m in zip(value, meta))
     return False
