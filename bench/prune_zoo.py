@@ -345,10 +345,10 @@ def reading(rows: list[dict]) -> str:
     dw = [r["model"] for r in rows if r["model"].startswith(DEPTHWISE)]
     if dw:
         text += (f"This is strongest for the depthwise-heavy nets ({', '.join(dw)}): their eager latency is "
-                 "overhead-bound (many cheap depthwise and 1x1 ops), so a MAC cut shows up poorly as a speedup. "
-                 "TODO: compare these under onnxruntime, where per-op overhead is much lower (not implemented). ")
-    text += ("Analysis+prune times are not like for like: graphopt's covers torch.export tracing, dependency analysis, "
-             "pruning and verification; tp's covers its autograd-traced DependencyGraph and step. ")
+                 "overhead-bound (many cheap depthwise and 1x1 ops), so a MAC cut shows up poorly as a speedup; "
+                 "bench/prune_ort.py measures them after ONNX export in onnxruntime (bench/results/prune_ort.md). ")
+    text += ("The prune times here come from 3 runs inside each subprocess at the bench's thread count; "
+             "bench/prune_speed.py times analysis+prune alone, interleaved, at 1 thread (bench/results/prune_speed.md). ")
     return text + "Latencies are medians of interleaved rounds on a shared machine and can move by several percent."
 
 

@@ -25,8 +25,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "bench")]
 
+import big_models  # noqa: E402
 import graphopt  # noqa: E402
 from benchkit import geomean, provenance, publish  # noqa: E402
+from graphopt.onnx_verify import ort_session  # noqa: E402
 from graphopt.quant import export_qdq, ort_kernel_counts, sqnr_db  # noqa: E402
 from models import CNN_NAMES, build  # noqa: E402
 from util import outputs, rebatch  # noqa: E402
@@ -35,13 +37,8 @@ THREADS = 2
 
 
 def session(path: str):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = THREADS, 1
-    opts.log_severity_level = 3
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle session: no spinning thread
-    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    """An onnxruntime session with THREADS threads and spinning off (an idle session then costs nothing)."""
+    return ort_session(path, threads=THREADS)
 
 
 def feeds(sess, inputs) -> dict:
@@ -73,16 +70,20 @@ def paired_ms(paths: list[str], inputs, rounds: int, reps: int = 5) -> list[list
 
 
 def bench_model(name: str, rounds: int, folder: Path, image_size: int | None = None) -> dict:
-    case = build(name)
-    if image_size and isinstance(case.example_inputs, tuple):  # larger images: compute-bound like real CNN serving
-        case.example_inputs = (torch.randn(2, 3, image_size, image_size),)
-    calib = [rebatch(case.example_inputs, 8, seed=i) for i in range(4)]
-    res = graphopt.optimize(case.model, "fake-quant", case.example_inputs, calib_data=calib)
-    x = rebatch(case.example_inputs, 8, seed=99)
-    row = {"model": name, "sqnr": sqnr_db(outputs(case.model, x), outputs(res.module, x))}
+    if name in big_models.BUILDERS:  # ResNet-50 / MobileNetV2 at 224x224: real serving sizes
+        model, example = big_models.build(name)
+    else:
+        case = build(name)
+        model, example = case.model, case.example_inputs
+        if image_size and isinstance(example, tuple):  # larger images: compute-bound like real CNN serving
+            example = (torch.randn(2, 3, image_size, image_size),)
+    calib = [rebatch(example, 8, seed=i) for i in range(4)]
+    res = graphopt.optimize(model, "fake-quant", example, calib_data=calib)
+    x = rebatch(example, 8, seed=99)
+    row = {"model": name, "sqnr": sqnr_db(outputs(model, x), outputs(res.module, x))}
     fp32, int8 = str(folder / f"{name}.fp32.onnx"), str(folder / f"{name}.int8.onnx")
-    f = graphopt.export_onnx(case.model, case.example_inputs, fp32, verify=False)
-    q = export_qdq(res.module, case.example_inputs, int8)
+    f = graphopt.export_onnx(model, example, fp32, verify=False)
+    q = export_qdq(res.module, example, int8)
     row.update(fp32_bytes=f.file_bytes, int8_bytes=q.file_bytes, ort_sqnr=q.sqnr_db)
     kernels = ort_kernel_counts(int8, str(folder / f"{name}.int8.opt.onnx"), THREADS)
     row["qlinear"] = sum(v for k, v in kernels.items() if k.startswith("QLinear") or k.endswith("Integer")
@@ -91,7 +92,7 @@ def bench_model(name: str, rounds: int, folder: Path, image_size: int | None = N
                                                                     "Gemm", "FusedMatMul"))
     row["kernels"] = ", ".join(f"{k} {v}" for k, v in sorted(kernels.items()) if "QLinear" in k or "Integer" in k)
     for batch in (1, 8):
-        inputs = rebatch(case.example_inputs, batch, seed=3)
+        inputs = rebatch(example, batch, seed=3)
         t_fp32, t_int8 = paired_ms([fp32, int8], inputs, rounds)
         ratios = [a / b for a, b in zip(t_fp32, t_int8)]
         row[f"b{batch}"] = (statistics.median(t_fp32), statistics.median(t_int8), statistics.median(ratios))

@@ -27,6 +27,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+import graphopt.digits as graphopt_digits
+
 __all__ = ["DigitsCNN", "load_digits_tensors", "train", "accuracy", "trained_digits_cnn", "torch_threads",
            "ResidualDigitsCNN", "trained_residual_digits_cnn"]
 
@@ -34,23 +36,9 @@ __all__ = ["DigitsCNN", "load_digits_tensors", "train", "accuracy", "trained_dig
 def load_digits_tensors(seed: int = 0, test_fraction: float = 0.25):
     """(x_train, y_train, x_test, y_test): digits as float (N, 1, 8, 8) in [0, 1] and int64 labels.
 
-    The split is stratified per class and seeded, so the same ``seed`` always gives the same ~75/25 split.
-    """
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # pixel values are 0..16
-    y = torch.tensor(digits.target, dtype=torch.int64)
-    gen = torch.Generator().manual_seed(seed)
-    train_idx, test_idx = [], []
-    for c in range(10):
-        idx = (y == c).nonzero().flatten()
-        idx = idx[torch.randperm(len(idx), generator=gen)]
-        n_test = round(len(idx) * test_fraction)
-        test_idx.append(idx[:n_test])
-        train_idx.append(idx[n_test:])
-    train_idx, test_idx = torch.cat(train_idx).sort().values, torch.cat(test_idx).sort().values
-    return x[train_idx], y[train_idx], x[test_idx], y[test_idx]
+    The split is stratified per class and seeded, so the same ``seed`` always gives the same ~75/25 split (the
+    demo's loader, at the images' own 8x8 size)."""
+    return graphopt_digits.load_digits_tensors(8, seed=seed, test_fraction=test_fraction)
 
 
 class DigitsCNN(nn.Module):
