@@ -115,13 +115,16 @@ def digits_accuracy() -> dict:
             "qat": accuracy(convert(qat), x_test, y_test)}
 
 
-def report(rows: list[dict], digits: dict | None, rounds: int, image_size: int | None = None) -> str:
+def report(rows: list[dict], digits: dict | None, rounds: int, image_size: int | None = None,
+           note: str = "") -> str:
     size = f"{image_size}x{image_size}" if image_size else "32x32"
+    if rows and all(r["model"] in big_models.BUILDERS for r in rows):
+        size = "224x224 (bench/big_models.py)"
     lines = [provenance(
         f"int8 QDQ vs fp32 in onnxruntime (fake-quant pass), images {size}",
         f"- onnxruntime CPU, {THREADS} threads, spinning off; {rounds} interleaved rounds x 5 runs, median per round, "
-        f"median of per-round ratios; zoo models on {size} images (Bert: seq 8)",
-        "- taken on a shared 2-core machine while other jobs ran: absolute times are noisy, ratios less so",
+        f"median of per-round ratios; models on {size} images (Bert: seq 8)",
+        *([f"- note: {note}"] if note else []),
         "- SQNR: torch int8 simulation vs float on random inputs; ORT SQNR: onnxruntime int8 vs torch simulation",
         "- int8 kernels: ops onnxruntime runs in int8 after its QDQ fusions (its optimized graph); float: "
         "convs/matmuls it left in fp32",
@@ -162,6 +165,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=None, help="image side for the CNNs (default: zoo's 32)")
     parser.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
     parser.add_argument("--skip-digits", action="store_true")
+    parser.add_argument("--note", default="", help="a line for the report, e.g. how loaded the machine was")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     warnings.simplefilter("ignore")
@@ -173,7 +177,7 @@ def main() -> None:
             except Exception as e:  # a failing model is a result too
                 rows.append({"model": name, "error": f"{type(e).__name__}: {str(e)[:120]}"})
             print(rows[-1], file=sys.stderr, flush=True)
-    text = report(rows, None if args.skip_digits else digits_accuracy(), args.rounds, args.image_size)
+    text = report(rows, None if args.skip_digits else digits_accuracy(), args.rounds, args.image_size, args.note)
     if args.append and Path(args.out).exists():
         text = Path(args.out).read_text() + "\n" + text.replace("# int8 QDQ", "## int8 QDQ", 1)
     publish(text, args.out)

@@ -191,13 +191,20 @@ class LowerSparse(Pass):
                  "baked_parametrizations": baked}
         return PassResult(gm, modified=bool(lowered or baked), stats=stats)
 
-    def _decide(self, w2: torch.Tensor, rows: int):
-        """A Choice with a format, or a string saying why the layer stays dense."""
+    def _too_dense(self, w2: torch.Tensor) -> str | None:
+        """Why a weight stays dense before any format is considered (None: it is a candidate)."""
         if not w2.is_floating_point() or w2.numel() == 0:
             return "dense: not a floating-point weight"
         sparsity = float((w2 == 0).sum()) / w2.numel()
         if sparsity < self.min_sparsity:
             return f"dense: sparsity {sparsity:.0%} < min_sparsity {self.min_sparsity:.0%}"
+        return None
+
+    def _decide(self, w2: torch.Tensor, rows: int):
+        """A Choice with a format, or a string saying why the layer stays dense."""
+        too_dense = self._too_dense(w2)
+        if too_dense:
+            return too_dense
         rows = self.rows or rows
         choice = choose_format(w2, rows, formats=self.formats, benchmark=self.benchmark,
                                min_speedup=self.min_speedup, threads=self.threads)
@@ -207,11 +214,9 @@ class LowerSparse(Pass):
 
     def _decide_gpu(self, w2: torch.Tensor, layer: str):
         """("2:4", semi-structured weight) or ("bsr AxB", packed weight), or a string saying why it stays dense."""
-        if not w2.is_floating_point() or w2.numel() == 0:
-            return "dense: not a floating-point weight"
-        sparsity = float((w2 == 0).sum()) / w2.numel()
-        if sparsity < self.min_sparsity:
-            return f"dense: sparsity {sparsity:.0%} < min_sparsity {self.min_sparsity:.0%}"
+        too_dense = self._too_dense(w2)
+        if too_dense:
+            return too_dense
         why = []
         if w2.shape[1] % 4 == 0 and semi_structured.violations_2to4(w2) == 0:
             try:

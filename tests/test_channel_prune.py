@@ -14,7 +14,7 @@ from graphopt.dependency.apply import apply_channel_plan
 from graphopt.dependency.rules_elementwise import elementwise
 from graphopt.passes.channel_prune import PruneChannels
 from models import NAMES, build
-from util import assert_same_outputs, outputs, rebatch
+from util import assert_same_outputs, mystery, outputs, rebatch
 
 # Where a model cannot lose 40% at ratio 0.5, the reason is listed here (none today: Bert's residual width is
 # frozen because it is the model's output, last_hidden_state, yet heads and MLPs still cut 40% of its parameters).
@@ -166,17 +166,6 @@ def test_a_plan_that_empties_a_group_is_refused():
     group = dep.prunable_groups[0]
     with pytest.raises(graphopt.PassError, match=rf"plan would remove all {group.size} channels of group "):
         apply_channel_plan(gm, dep, {group: list(range(group.size))})
-
-
-@torch.library.custom_op("graphopt_test::mystery", mutates_args=())
-def mystery(x: torch.Tensor) -> torch.Tensor:
-    """A custom op graphopt has no dependency rule for (until a test registers one)."""
-    return x * 2
-
-
-@mystery.register_fake
-def _(x):
-    return torch.empty_like(x)
 
 
 class WithCustomOp(nn.Module):

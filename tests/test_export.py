@@ -12,6 +12,7 @@ import graphopt
 from graphopt import ExportError, VerifyError, export_onnx
 from graphopt.onnx_io import count_qdq
 from models import HF_NAMES, NAMES, TRANSFORMER_NAMES, build
+import util  # noqa: F401  (defines the graphopt_test::mystery op)
 
 # Attention models and HF models take 5-20 s each to export on a loaded 2-core machine.
 SLOW = set(TRANSFORMER_NAMES) | set(HF_NAMES) | {"densenet", "mobilenetv3"}
@@ -210,17 +211,6 @@ def test_a_module_in_training_mode_is_exported_as_an_eval_copy(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------- errors
-
-@torch.library.custom_op("graphopt_test::mystery", mutates_args=())
-def mystery(x: torch.Tensor) -> torch.Tensor:
-    """An op with no ONNX translation."""
-    return x * 2
-
-
-@mystery.register_fake
-def _(x):
-    return torch.empty_like(x)
-
 
 class UsesMystery(nn.Module):
     def forward(self, x):

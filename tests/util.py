@@ -36,3 +36,15 @@ def assert_same_outputs(got_module, want_module, example_inputs, rtol=1e-4, atol
     assert len(got) == len(want), f"{len(got)} outputs vs {len(want)}"
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=rtol, atol=atol)
+
+
+@torch.library.custom_op("graphopt_test::mystery", mutates_args=())
+def mystery(x: torch.Tensor) -> torch.Tensor:
+    """A custom op graphopt knows nothing about: no dependency rule (until a test registers one), no ONNX
+    translation. Defined once here: torch refuses a second definition of the same op in one process."""
+    return x * 2
+
+
+@mystery.register_fake
+def _(x):
+    return torch.empty_like(x)
