@@ -244,3 +244,28 @@ def test_advanced_indexing_of_the_channel_dim_freezes_those_channels():
     dep = analyse(IndexNet(on_channels=True), torch.randn(2, 3, 5, 5))
     assert not [g for g in dep.groups if "a.weight" in g.params() and len(g.prunable)]
     assert not dep.unknown_ops
+
+
+class EinsumNet(nn.Module):
+    """A projection written as einsum (a free-standing weight), then per-head scores with a broadcast dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 16))
+        self.heads = nn.Parameter(torch.randn(16, 4))
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.einsum("bi,ij->bj", x, self.w)
+        gate = torch.einsum("...j,jk->...k", h, self.heads).sigmoid().mean(-1, keepdim=True)
+        return self.out(h * gate)
+
+
+def test_einsum_projections_couple_like_linears():
+    dep = analyse(EinsumNet(), torch.randn(2, 8))
+    assert not dep.unknown_ops
+    group = group_of(dep, "w", 1)
+    assert {"w", "heads", "out.weight"} <= set(group.params()) and len(group.prunable) == 16
+    res = graphopt.optimize(EinsumNet(), "prune-channels:ratio=0.5", torch.randn(2, 8))
+    assert res.module.w.shape == (8, 8) and res.module.heads.shape[0] == 8  # j pruned with w; k is its own group
+    assert res.module(torch.randn(5, 8)).shape == (5, 3)

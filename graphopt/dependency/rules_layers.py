@@ -221,3 +221,63 @@ def group_norm(w: Walk, node: fx.Node):
     if 1 < groups < len(channels):
         w.freeze_keys(channels, f"{node.name}: group_norm with {groups} groups needs equal groups")
     return x
+
+
+def _einsum_labels(equation: str, ranks: list[int]) -> tuple[list[list[str]], list[str]] | None:
+    """Per operand and for the output, one label per dim; '...' becomes labels aligned from the right across
+    operands (broadcast). None for forms not modelled (a label twice in one operand: a diagonal or trace)."""
+    eq = equation.replace(" ", "")
+    lhs, arrow, rhs = eq.partition("->")
+    specs = lhs.split(",")
+    if len(specs) != len(ranks):
+        return None
+    widest = max((r - (len(s) - 3) for s, r in zip(specs, ranks) if "..." in s), default=0)
+    ellipsis = [f"...{i}" for i in range(widest)]
+
+    def expand(spec: str, rank: int | None) -> list[str]:
+        if "..." not in spec:
+            return list(spec)
+        head, _, tail = spec.partition("...")
+        n = widest if rank is None else rank - len(head) - len(tail)
+        return list(head) + ellipsis[widest - n:] + list(tail)
+
+    labels = [expand(s, r) for s, r in zip(specs, ranks)]
+    if any(len(set(ls)) != len(ls) for ls in labels):
+        return None
+    if arrow:
+        out = expand(rhs, None)
+    else:  # implicit output: the broadcast dims, then the letters used once, alphabetically
+        counts = {c: sum(ls.count(c) for ls in labels) for ls in labels for c in ls}
+        out = ellipsis + sorted(c for c, k in counts.items() if k == 1 and not c.startswith("..."))
+    return labels, out
+
+
+@register_rule(aten.einsum)
+def einsum(w: Walk, node: fx.Node):
+    """A dim label shared by operands is one dim (a contracted label couples the operands like a linear's input
+    features; a kept one passes to the output); a size-1 broadcast occurrence is left out of the coupling."""
+    operands = [w.keys(o) for o in node.args[1]]
+    parsed = _einsum_labels(node.args[0], [len(tk.dims) for tk in operands]) if all(
+        tk is not None and hasattr(tk, "dims") for tk in operands) else None
+    if parsed is None:
+        reason = f"{node.name}: einsum form not modelled"
+        for tk in operands:
+            w.freeze_value(tk, reason)
+        return value_keys(w, node, node.name, frozen=reason)
+    labels, out_labels = parsed
+    by_label: dict[str, list] = {}
+    for tk, ls in zip(operands, labels):
+        for d, label in enumerate(ls):
+            by_label.setdefault(label, []).append((tk, d))
+    keys = {}
+    for label, uses in by_label.items():
+        size = max(tk.sizes[d] for tk, d in uses)
+        full = [(tk, d) for tk, d in uses if tk.sizes[d] == size]
+        first = w.dk(*full[0])
+        for tk, d in full[1:]:
+            w.bind(tk, d, first, f"{node.name} (einsum '{label}')")
+        keys[label] = first
+    out = shape(node)
+    dims = [keys[label] if label in keys and len(keys[label]) == n else
+            w.fresh(n, f"{node.name}[{i}]", frozen="einsum broadcast") for i, (label, n) in enumerate(zip(out_labels, out))]
+    return w.tensor(dims, node.name)
