@@ -121,9 +121,10 @@ def test_custom_ops_pass_opcheck():
     """Fake (meta) implementations agree with the real ones (shapes, dtypes, schema)."""
     packed = pack(zeroed(24, 40, 0.8, "8x1"), "8x1")
     for x in (torch.randn(1, 40), torch.randn(2, 5, 40)):
-        torch.library.opcheck(torch.ops.graphopt.sparse_linear.default,
-                              (x, *packed.tensors(), torch.randn(24), "8x1", 40, 24, 1),
-                              test_utils=("test_schema", "test_faketensor"))
+        results = torch.library.opcheck(torch.ops.graphopt.sparse_linear.default,
+                                        (x, *packed.tensors(), torch.randn(24), "8x1", 40, 24, 1),
+                                        test_utils=("test_schema", "test_faketensor"))
+        assert results == {"test_schema": "SUCCESS", "test_faketensor": "SUCCESS"}
     torch.library.opcheck(torch.ops.graphopt.act_sparse_linear.default,
                           (torch.randn(1, 40), torch.randn(40, 24), None, 1),
                           test_utils=("test_schema", "test_faketensor"))
