@@ -9,7 +9,7 @@ import graphopt
 from graphopt.quant import FakeQuantize, quantizers, sqnr_db
 from graphopt.quant.observers import make_observer
 from graphopt.quant.quantizer import QuantSpec, qparams_from_range
-from models import build
+from models import CNN_NAMES, build
 from util import outputs, rebatch
 
 
@@ -52,12 +52,14 @@ def test_calibrated_model_is_close_to_float_and_batch_dynamic(resnet):
     assert all(q.calibrated for q in quantizers(res.module).values())
 
 
-@pytest.mark.parametrize("name", ["mobilenetv2"])  # the rest of the zoo: bench/quant.py
-def test_zoo_cnn_sqnr(name):
+@pytest.mark.parametrize("name", [*CNN_NAMES, "hf_bert", "hf_gpt2"])  # figures per model: bench/quant.py
+def test_zoo_sqnr(name):
     case = build(name)
     res = graphopt.optimize(case.model, "fake-quant", case.example_inputs, calib_data=_calib(case.example_inputs))
     x = rebatch(case.example_inputs, 8, seed=7)
     assert sqnr_db(outputs(case.model, x), outputs(res.module, x)) >= 30
+    if name == "hf_gpt2":  # its Conv1D layers are addmm(bias, x, W) with W stored (in, out): quantized too
+        assert len(quantizers(res.module)) > 2 * 8 and res.report.records[0].stats["quantized_layers"] >= 9
 
 
 def test_user_model_is_not_changed():

@@ -51,6 +51,8 @@ PLACEMENT = (
     Rule("conv-transpose", (aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d),
          activations=(0,), weight=1, weight_axis=None),  # output channels are split over groups on dim 1
     Rule("linear", (aten.linear,), activations=(0,), weight=1),
+    # x @ W + b with W stored (in, out): Hugging Face GPT-2's Conv1D; output channels on axis 1
+    Rule("addmm", (aten.addmm,), activations=(1,), weight=2, weight_axis=1),
     Rule("matmul", (aten.matmul, aten.bmm, aten.mm), activations=(0, 1)),
     Rule("residual-add", (aten.add,), activations=(0, 1), condition="feature_maps"),
     Rule("norm", (aten.layer_norm, aten.group_norm, aten.batch_norm, aten.instance_norm, aten.rms_norm),
