@@ -87,6 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--out", default="bench/results/sparse_e2e.md")
+    parser.add_argument("--note", default="", help="a line for the report, e.g. how loaded the machine was")
     parser.add_argument("--clock", choices=list(CLOCK), default="wall",
                         help="cpu: process CPU time, steadier when other jobs share the cores")
     args = parser.parse_args()
@@ -96,7 +97,7 @@ def main() -> None:
     lines = [f"- model: GPT2LMHeadModel, {args.layers} layers, hidden 768, MLP 3072, 12 heads, vocab 2048, random "
              "init; every block weight magnitude-pruned to 90% zeros; batch 1; 1 thread; median of 15 interleaved "
              f"runs; clock: {args.clock}",
-             "- taken on a shared 2-core machine with other jobs running: times are inflated and noisy",
+             *([f"- note: {args.note}"] if args.note else []),
              "", "| pattern | seq len | layers lowered (formats) | dense | lowered | speedup | max abs error |",
              "|---|---|---|---|---|---|---|", *rows]
     publish(provenance("90%-sparse GPT-2 lowered by lower-sparse vs dense (batch 1)", *lines), args.out)

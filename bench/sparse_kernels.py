@@ -124,6 +124,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds, batch 1 only")
     parser.add_argument("--out", default="bench/results/sparse_kernels.md")
+    parser.add_argument("--note", default="", help="a line for the report, e.g. how loaded the machine was")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: process CPU time, steadier when other jobs share the cores")
     args = parser.parse_args()
@@ -141,7 +142,7 @@ def main() -> None:
              f"- measured 1-thread read bandwidth: {bandwidth / 1e9:.1f} GB/s (torch.sum over 4x that budget); "
              "'dense at bandwidth' = dense fp32 bytes / that bandwidth (the batch-1 floor of a dense GEMV)",
              "- shapes are out_features x in_features; cells: time per call (us) and speedup over dense F.linear",
-             "- taken on a shared 2-core machine with other jobs running: absolute times are inflated and noisy",
+             *([f"- note: {args.note}"] if args.note else []),
              ""]
     for batch in ([1] if args.quick else [1, 8, 64]):
         for n, k in [(768, 3072), (3072, 768)]:
