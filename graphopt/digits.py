@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from graphopt.errors import InputError
+from graphopt.examples import ResidualBlock
 
 
 def load_digits_tensors(size: int = 8, seed: int = 0, test_fraction: float = 0.25):
@@ -38,28 +39,16 @@ def load_digits_tensors(size: int = 8, seed: int = 0, test_fraction: float = 0.2
     return x[train_idx], y[train_idx], x[test_idx], y[test_idx]
 
 
-class _Residual(nn.Module):
-    """conv-BN-ReLU, conv-BN, identity skip, ReLU: a block remove-layers can drop."""
-
-    def __init__(self, width: int):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
-        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
-
-
 class DigitsNet(nn.Module):
     """Stem, two residual blocks, a strided conv, two more residual blocks, global pooling, a linear head."""
 
     def __init__(self, width: int = 32, classes: int = 10):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        self.stage1 = nn.Sequential(_Residual(width), _Residual(width))
+        self.stage1 = nn.Sequential(ResidualBlock(width), ResidualBlock(width))
         self.down = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False),
                                   nn.BatchNorm2d(2 * width), nn.ReLU())
-        self.stage2 = nn.Sequential(_Residual(2 * width), _Residual(2 * width))
+        self.stage2 = nn.Sequential(ResidualBlock(2 * width), ResidualBlock(2 * width))
         self.head = nn.Linear(2 * width, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 
 
-class _Block(nn.Module):
-    """conv-BN-ReLU, conv-BN, residual add, ReLU."""
+class ResidualBlock(nn.Module):
+    """conv-BN-ReLU, conv-BN, residual add, ReLU: the block remove-layers can drop."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -25,7 +25,7 @@ class ExampleNet(nn.Module):
     def __init__(self, width: int = 32, blocks: int = 3, classes: int = 10):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        self.blocks = nn.Sequential(*[_Block(width) for _ in range(blocks)])
+        self.blocks = nn.Sequential(*[ResidualBlock(width) for _ in range(blocks)])
         self.pool, self.neck = nn.AdaptiveAvgPool2d(1), nn.Identity()
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(width, classes))
 

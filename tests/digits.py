@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphopt.digits as graphopt_digits
+from graphopt.examples import ResidualBlock
 
 __all__ = ["DigitsCNN", "load_digits_tensors", "train", "accuracy", "trained_digits_cnn", "torch_threads",
            "ResidualDigitsCNN", "trained_residual_digits_cnn"]
@@ -156,7 +157,7 @@ class ResidualDigitsCNN(nn.Module):
     def __init__(self, width: int = 16, depth: int = 3, classes: int = 10):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        self.blocks = nn.ModuleList(_ResidualBlock(width) for _ in range(depth))
+        self.blocks = nn.ModuleList(ResidualBlock(width) for _ in range(depth))
         self.down = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False),
                                   nn.BatchNorm2d(2 * width), nn.ReLU())
         self.head = nn.Linear(2 * width, classes)
@@ -166,20 +167,6 @@ class ResidualDigitsCNN(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.down(x).mean(dim=(2, 3)))
-
-
-class _ResidualBlock(nn.Module):
-    """relu(x + bn2(conv2(relu(bn1(conv1(x))))))."""
-
-    def __init__(self, width: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
 
 
 @functools.lru_cache(maxsize=None)
