@@ -8,6 +8,7 @@ from typing import Any, Iterable, Sequence
 import torch.fx as fx
 import torch.nn as nn
 
+from graphopt import distributed
 from graphopt.pipeline import Context, Pass, PassManager
 from graphopt.registry import parse_pipeline
 from graphopt.report import Report
@@ -46,9 +47,13 @@ def optimize(
     ``passes`` are Pass objects or strings (``"fuse"``, ``"prune-channels:ratio=0.5"``, or one comma-separated
     string). ``calib_data`` is an iterable of input batches for data-driven passes. With ``verify`` the manager
     checks the graph after every pass (see PassManager).
+
+    Inside a ``torch.distributed`` job every rank calls this with the same model and its own ``calib_data``:
+    statistics are combined over all ranks and every rank gets the same plan (see graphopt.distributed).
     """
     manager = PassManager(parse_pipeline(passes) if isinstance(passes, str) else passes, verify=verify)
     gm = trace(model, example_inputs, capture=capture, leaf_modules=leaf_modules, dynamic=dynamic)
+    distributed.check_same_weights(gm)
     ctx = Context(example_inputs, calib_data=calib_data)
     gm, report = manager.run(gm, ctx)
     return OptimizeResult(gm, report)

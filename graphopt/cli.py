@@ -37,6 +37,7 @@ def _cmd_passes(_args: argparse.Namespace) -> int:
 
 def _cmd_optimize(args: argparse.Namespace) -> int:
     from graphopt.cli_commands import check_out_dir, cmd_optimize
+    from graphopt.cli_distributed import process_group
     from graphopt.registry import parse_pipeline
 
     check_out_dir(args.out)
@@ -44,7 +45,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         parse_pipeline(args.passes)  # unknown passes and bad options fail before the model is built
     if args.epochs < 1 or args.lr <= 0:
         raise InputError(f"--epochs must be >= 1 and --lr > 0, got {args.epochs} and {args.lr}")
-    return cmd_optimize(args)
+    with process_group():  # under torchrun: one rank of a distributed calibration and fine-tuning
+        return cmd_optimize(args)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -76,10 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     opt = sub.add_parser("optimize", help="run passes on a model; write the saved model, ONNX and a report")
     _add_model_args(opt)
     opt.add_argument("--passes", default="", help='e.g. "fuse,prune-channels:ratio=0.5,fake-quant"')
-    opt.add_argument("--calib", metavar="DATA", help="calibration inputs: random:N, or a torch.save file of a tensor")
+    opt.add_argument("--calib", metavar="DATA", help="calibration inputs: random:N, or a torch.save file of a tensor "
+                     "(under torchrun: split between ranks, or one file per rank named with {rank})")
     opt.add_argument("--out", required=True, metavar="DIR", help="directory for model.graphopt, model.onnx, reports")
     opt.add_argument("--finetune", metavar="DATA",
-                     help="fine-tune after the passes on a torch.save file of {'inputs': x, 'targets': y}")
+                     help="fine-tune after the passes on a torch.save file of {'inputs': x, 'targets': y} "
+                     "(under torchrun: DDP, rows split between ranks, or one file per rank named with {rank})")
     opt.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (default 3)")
     opt.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate (default 1e-3)")
     opt.add_argument("--distill", action="store_true", help="fine-tune with distillation from the original model")

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from graphopt import distributed
+from graphopt.cli_distributed import per_rank, rank_path, share_rows
 from graphopt.cli_model import (
     calibration_batches, finetune_data, inputs_of_saved, load_model, parse_shapes,
 )
@@ -22,7 +24,9 @@ from graphopt.report import _human
 
 
 def step(text: str) -> None:
-    """One line of progress for a long step, on stderr (stdout stays the result)."""
+    """One line of progress for a long step, on stderr (stdout stays the result); rank 0's only."""
+    if distributed.rank() != 0:
+        return
     print(f"graphopt: {text}", file=sys.stderr, flush=True)
 
 
@@ -48,16 +52,23 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ex = ExampleInputs.of(inputs)
-    calib = calibration_batches(args.calib, tuple(ex.args))
+    calib = calibration_batches(rank_path(args.calib), tuple(ex.args))
+    if calib is not None and not per_rank(args.calib):
+        calib = distributed.shard(calib)
+    if distributed.active():
+        step(f"{distributed.world_size()} ranks: statistics and fine-tuning gradients are combined over all")
     step(f"optimizing with passes: {args.passes or '(none)'}")
     result = graphopt.optimize(model, args.passes or [], inputs, calib_data=calib)
     if args.finetune:
-        data = finetune_data(args.finetune)
+        data = finetune_data(rank_path(args.finetune))
+        data = data if per_rank(args.finetune) else share_rows(*data)
         step(f"fine-tuning for {args.epochs} epochs{' with distillation' if args.distill else ''}")
         unfreeze(result.module)  # rewritten weights (fuse) may come back with requires_grad=False
         losses = finetune(result.module, data, epochs=args.epochs, lr=args.lr,
                           teacher=model if args.distill else None)
         step("fine-tune loss per epoch: " + ", ".join(f"{v:.4f}" for v in losses))
+    if distributed.rank() != 0:
+        return 0  # every rank holds the same model now; rank 0 writes it
     summary = _summary(model, result.module, inputs)
     saved_path = graphopt.save(result, out / "model.graphopt", model=None if saved else model, example_inputs=inputs)
     step(f"wrote {saved_path}")

@@ -12,6 +12,7 @@ from typing import Callable, Iterable
 import torch
 import torch.fx as fx
 
+from graphopt import distributed
 from graphopt.dependency.analysis import ChannelGroup
 from graphopt.graph_utils import is_op, resolve
 from graphopt.inputs import ExampleInputs, flat_outputs
@@ -83,7 +84,8 @@ def bn_weights(gm: fx.GraphModule) -> set[str]:
 
 
 def taylor_saliency(gm: fx.GraphModule, batches: Iterable, loss_fn: Callable | None) -> dict[str, torch.Tensor]:
-    """Per-element |w * dL/dw| summed over batches (L: ``loss_fn(output, batch)``, or the output's mean square)."""
+    """Per-element |w * dL/dw| summed over batches (L: ``loss_fn(output, batch)``, or the output's mean square),
+    and over the batches of every rank when torch.distributed is initialized."""
     params = dict(gm.named_parameters())
     saliency = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
     for batch in batches:
@@ -100,7 +102,8 @@ def taylor_saliency(gm: fx.GraphModule, batches: Iterable, loss_fn: Callable | N
                 saliency[name] += (p.detach() * p.grad).abs().float()
     for p in params.values():
         p.grad = None
-    return saliency
+    names = sorted(saliency)  # every rank's data counts: one plan on every rank of a distributed job
+    return dict(zip(names, distributed.sum_tensors([saliency[n] for n in names])))
 
 
 def group_scores(gm: fx.GraphModule, groups: list[ChannelGroup], criterion: str, *, seed: int = 0,

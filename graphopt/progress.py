@@ -1,7 +1,7 @@
 """One progress display for long work (calibration, scoring, fine-tuning): a single updating line on stderr.
 
 It draws only when stderr is a terminal (or ``GRAPHOPT_PROGRESS=1``), so logs and test output stay clean;
-``GRAPHOPT_PROGRESS=0`` turns it off everywhere.
+``GRAPHOPT_PROGRESS=0`` turns it off everywhere. In a torch.distributed job only rank 0 draws.
 """
 
 from __future__ import annotations
@@ -15,7 +15,12 @@ T = TypeVar("T")
 
 
 def enabled() -> bool:
-    """Whether progress lines are drawn: the env switch first, else only on an interactive stderr."""
+    """Whether progress lines are drawn: never on ranks other than 0; then the env switch, else only on an
+    interactive stderr."""
+    from graphopt.distributed import rank
+
+    if rank() != 0:
+        return False
     flag = os.environ.get("GRAPHOPT_PROGRESS")
     if flag is not None:
         return flag not in ("", "0", "false", "no")

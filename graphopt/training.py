@@ -17,6 +17,7 @@ of the same name would be shadowed by it.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any, Callable, Iterable
 
@@ -24,11 +25,13 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
+from graphopt import distributed as ranks
 from graphopt.errors import GraphoptWarning, InputError
 from graphopt.progress import progress
 
-__all__ = ["finetune", "distillation_loss", "finetune_callback", "unfreeze"]
+__all__ = ["finetune", "distillation_loss", "finetune_callback", "unfreeze", "data_parallel"]
 _AMP = {None: None, False: None, True: torch.bfloat16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
         "fp16": torch.float16, "float16": torch.float16}
 
@@ -47,6 +50,7 @@ def finetune(
     batch_size: int = 64,
     weight_decay: float = 0.0,
     seed: int = 0,
+    distributed: bool | None = None,
 ) -> list[float]:
     """Train ``module`` in place for ``epochs`` passes over ``data``; returns the mean loss of every epoch.
 
@@ -55,6 +59,12 @@ def finetune(
     loss (default: cross entropy). With a ``teacher`` the loss is ``alpha * T^2 * KL(teacher_T || student_T) +
     (1 - alpha) * task`` at temperature ``T``; batches of inputs alone are then allowed (pure distillation).
     ``amp``: None (off), ``"bf16"`` / ``True`` (bfloat16 autocast, also on CPU) or ``"fp16"`` (GPU only).
+
+    ``distributed``: in a torch.distributed job (None: whenever a process group of 2+ ranks is initialized) the
+    module trains under DistributedDataParallel on each rank's own ``data``: gradients are averaged, so the
+    parameters stay equal on every rank; ranks may hold different numbers of batches; buffers (BatchNorm
+    statistics) end as rank 0's; the returned losses are means over all ranks. A module the caller already
+    wrapped (DDP, FSDP) is trained as it is.
     """
     _check_options(epochs, lr, amp, alpha, temperature)
     device = _device_of(module)
@@ -80,28 +90,60 @@ def finetune(
     history: list[float] = []
     was_training = module.training
     _set_mode(module, True)
+    model = data_parallel(module, distributed)
     try:
         for epoch in range(epochs):
             total, count = 0.0, 0
-            for batch in progress(batches(epoch), f"fine-tune epoch {epoch + 1}/{epochs}"):
-                x, y = _split(batch, device, teacher is not None)
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    out = module(x)
-                    loss = _loss(out, y, x, loss_fn, teacher, temperature, alpha)
-                opt.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    opt.step()
-                sched.step()
-                total, count = total + float(loss.detach()), count + 1
+            with _joined(model):
+                for batch in progress(batches(epoch), f"fine-tune epoch {epoch + 1}/{epochs}"):
+                    x, y = _split(batch, device, teacher is not None)
+                    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                        out = model(x)
+                        loss = _loss(out, y, x, loss_fn, teacher, temperature, alpha)
+                    opt.zero_grad(set_to_none=True)
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                        scaler.step(opt)
+                        scaler.update()
+                    else:
+                        loss.backward()
+                        opt.step()
+                    sched.step()
+                    total, count = total + float(loss.detach()), count + 1
+            if model is not module:
+                total, count = ranks.sum_numbers([total, count])
             history.append(total / max(count, 1))
+        if model is not module:
+            ranks.broadcast_buffers(module)
     finally:
         _set_mode(module, was_training)
     return history
+
+
+def data_parallel(module: nn.Module, distributed: bool | None = None) -> nn.Module:
+    """``module`` wrapped in DistributedDataParallel when it should train that way (see ``finetune``), else
+    ``module`` itself. InputError for ``distributed=True`` without a process group."""
+    wrapped = isinstance(module, DistributedDataParallel) or _is_fsdp(module)
+    if distributed is True and not ranks.active():
+        raise InputError("finetune: distributed=True needs an initialized torch.distributed process group with 2 "
+                         "or more ranks; launch with torchrun and call torch.distributed.init_process_group()")
+    if wrapped or distributed is False or not ranks.active():
+        return module
+    device = _device_of(module)
+    return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+
+
+def _is_fsdp(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:
+        return False
+    return isinstance(module, (FSDPModule, FullyShardedDataParallel))
+
+
+def _joined(model: nn.Module):
+    """DDP's join: a rank that runs out of batches keeps answering the others' gradient all-reduces."""
+    return model.join() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

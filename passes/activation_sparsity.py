@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 
 import graphopt.kernels  # noqa: F401  (registers torch.ops.graphopt.act_sparse_linear)
+from graphopt import distributed
 from graphopt.graph_utils import free_attr_name, is_op, owner_and_leaf, remove_dead_nodes, remove_unused_attrs
 from graphopt.inputs import ExampleInputs
 from graphopt.pipeline import Context, Pass, PassResult
@@ -29,7 +30,8 @@ _DENSE_BW, _ACT_BW, _DENSE_CALL_S, _ACT_CALL_S = 13e9, 13e9, 4e-6, 16e-6
 
 
 def zero_fractions(gm: fx.GraphModule, nodes: list[fx.Node], batches: list[ExampleInputs]) -> dict:
-    """node -> (fraction of exactly-zero entries in its first argument over ``batches``, rows per call)."""
+    """node -> (fraction of exactly-zero entries in its first argument over ``batches``, rows per call), over
+    the batches of every rank in a torch.distributed job."""
     zeros = {n: [0, 0, 0] for n in nodes}  # zero count, element count, largest rows per call
     for inputs in batches:
         interp = fx.Interpreter(gm, garbage_collect_values=False)
@@ -40,7 +42,9 @@ def zero_fractions(gm: fx.GraphModule, nodes: list[fx.Node], batches: list[Examp
             zeros[n][0] += int((x == 0).sum())
             zeros[n][1] += x.numel()
             zeros[n][2] = max(zeros[n][2], x.numel() // max(x.shape[-1], 1))
-    return {n: (z / max(total, 1), rows) for n, (z, total, rows) in zeros.items()}
+    counts = distributed.sum_numbers([v for z, total, _ in zeros.values() for v in (z, total)])
+    rows = distributed.max_numbers([r for _, _, r in zeros.values()])
+    return {n: (counts[2 * i] / max(counts[2 * i + 1], 1), int(rows[i])) for i, n in enumerate(zeros)}
 
 
 @register_pass

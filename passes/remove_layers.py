@@ -19,6 +19,7 @@ too: removing one replaces its output by its input.
 Cosines are taken along the feature axis: channels for 4-D (N, C, H, W) tensors, the last axis otherwise.
 Without ``calib_data`` a data-driven criterion raises InputError, unless ``use_example_inputs=True`` (then the
 example inputs are the only calibration batch: fine for tests, a weak signal for real decisions).
+In a torch.distributed job the scores sum over every rank's batches (graphopt.distributed): one choice everywhere.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from graphopt import distributed
 from graphopt.blocks import Block, find_blocks, remove_blocks
 from graphopt.errors import InputError, PassError, PipelineError
 from graphopt.inputs import ExampleInputs, flat_outputs
@@ -210,6 +212,9 @@ def block_influence(gm: fx.GraphModule, batches: list[ExampleInputs], blocks: li
             cos = _cosine(seen[b.input], seen[b.output])
             sums[b.name] += float(cos.sum())
             counts[b.name] += cos.numel()
+    names = list(sums)
+    total = distributed.sum_numbers([sums[n] for n in names] + [counts[n] for n in names])
+    sums, counts = dict(zip(names, total[:len(names)])), dict(zip(names, total[len(names):]))
     return {name: 1.0 - sums[name] / max(counts[name], 1) for name in sums}
 
 
@@ -222,14 +227,16 @@ def _relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> tuple[
 def output_error(gm: fx.GraphModule, batches: list[ExampleInputs], blocks: list[Block]) -> dict[str, float]:
     """Per block: ||out_without_block - out||^2 / ||out||^2 over the model's float outputs, summed over batches."""
     reference = [_run(gm, batch)[0] for batch in batches]
-    scores = {}
+    nums, dens = [], []
     for block in progress(blocks, "remove-layers: output error"):
         num = den = 0.0
         for batch, want in zip(batches, reference):
             n, d = _relative_error(_run(gm, batch, drop=(block,))[0], want)
             num, den = num + n, den + d
-        scores[block.name] = num / max(den, 1e-30)
-    return scores
+        nums.append(num)
+        dens.append(den)
+    total = distributed.sum_numbers(nums + dens)
+    return {b.name: num / max(den, 1e-30) for b, num, den in zip(blocks, total[:len(blocks)], total[len(blocks):])}
 
 
 def _best_window(gm, batches, candidates: list[Block], eligible: list[Block], count: int):
@@ -249,6 +256,8 @@ def _best_window(gm, batches, candidates: list[Block], eligible: list[Block], co
             cos = _cosine(seen[w[0].input], seen[w[-1].output]).clamp(-1, 1)
             sums[k] += float(torch.arccos(cos).sum() / math.pi)
             counts[k] += cos.numel()
+    total = distributed.sum_numbers(sums + counts)
+    sums, counts = total[:len(windows)], total[len(windows):]
     distance = {w[0].name + (f"..{w[-1].name}" if count > 1 else ""): s / max(c, 1)
                 for w, s, c in zip(windows, sums, counts)}
     best = min(range(len(windows)), key=lambda k: sums[k] / max(counts[k], 1))

@@ -13,6 +13,7 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 
+from graphopt import distributed
 from graphopt.errors import InputError
 from graphopt.inputs import ExampleInputs
 from graphopt.progress import progress
@@ -77,7 +78,9 @@ def observe(gm: fx.GraphModule, batches: list[ExampleInputs], desc: str = "calib
 
 
 def freeze(gm: fx.GraphModule) -> int:
-    """Freeze every observing quantizer; returns how many. Raises InputError for a quantizer that saw nothing."""
+    """Freeze every observing quantizer (its statistics merged over all ranks first, in a distributed job);
+    returns how many. Raises InputError for a quantizer that saw nothing."""
+    sync_observers(gm)
     frozen = 0
     for name, q in quantizers(gm).items():
         if q.state != "observe":
@@ -88,6 +91,19 @@ def freeze(gm: fx.GraphModule) -> int:
             raise InputError(f"{e} (`{name}`): the calibration batches never reach it; check calib_data") from e
         frozen += 1
     return frozen
+
+
+def sync_observers(gm: fx.GraphModule) -> int:
+    """In a torch.distributed job, merge every observing quantizer's statistics over all ranks (one collective
+    for all of them); returns how many were merged (0 without a process group)."""
+    if not distributed.active():
+        return 0
+    observing = {name: q for name, q in sorted(quantizers(gm).items()) if q.state == "observe" and q.observer}
+    world = distributed.world_size()
+    gathered = distributed.gather_objects({name: q.observer.state(world) for name, q in observing.items()})
+    for name, q in observing.items():
+        q.observer.merge([states[name] for states in gathered])
+    return len(observing)
 
 
 def calibrate(gm: fx.GraphModule, batches: list[ExampleInputs]) -> int:

@@ -12,6 +12,10 @@ turns them into the (low, high) interval to quantize. The kinds differ only in t
 
 Sample-based observers (``percentile``, ``mse``) keep a bounded random sample of the values they see (at most
 ``SAMPLE_LIMIT``), so calibration memory does not grow with the data.
+
+In a torch.distributed job each rank observes its own batches; before the scales are frozen every observer
+``merge``s the ``state()`` of all ranks (calibrate.freeze): min of minima, max of maxima, the mean of the moving
+averages, the joined samples. The ranges, and so the scales, are then bit-identical on every rank.
 """
 
 from __future__ import annotations
@@ -49,6 +53,22 @@ class Observer:
         """The (low, high) interval to quantize."""
         return self.low, self.high
 
+    def state(self, world: int = 1) -> dict:
+        """What this observer saw, as CPU tensors, for ``merge`` on other ranks (``world``: how many ranks)."""
+        return {"low": _cpu(self.low), "high": _cpu(self.high), "batches": self.batches}
+
+    def merge(self, states: list[dict]) -> None:
+        """Become the observer of every rank's data, given all ranks' ``state()`` in rank order.
+
+        Every rank merges the same list in the same order, so every rank ends with bit-identical statistics."""
+        seen = [s for s in states if s["low"] is not None]
+        self.batches = sum(s["batches"] for s in states)
+        if not seen:
+            return
+        device = self.low.device if self.low is not None else torch.device("cpu")
+        self.low = _fold(torch.minimum, [s["low"] for s in seen]).to(device)
+        self.high = _fold(torch.maximum, [s["high"] for s in seen]).to(device)
+
 
 class MovingAverageObserver(Observer):
     """Exponential moving average of per-batch min and max: one odd batch moves the range by ``momentum`` only."""
@@ -70,6 +90,18 @@ class MovingAverageObserver(Observer):
 
     def range(self, qmin, qmax, symmetric):
         return self.avg_low, self.avg_high
+
+    def state(self, world: int = 1) -> dict:
+        return {**super().state(world), "avg_low": _cpu(self.avg_low), "avg_high": _cpu(self.avg_high)}
+
+    def merge(self, states: list[dict]) -> None:
+        """The mean over ranks of each rank's moving averages (and the overall min/max)."""
+        super().merge(states)
+        seen = [s for s in states if s["avg_low"] is not None]
+        if seen:
+            device = self.low.device
+            self.avg_low = (_fold(torch.add, [s["avg_low"] for s in seen]) / len(seen)).to(device)
+            self.avg_high = (_fold(torch.add, [s["avg_high"] for s in seen]) / len(seen)).to(device)
 
 
 class _SampleObserver(Observer):
@@ -100,6 +132,26 @@ class _SampleObserver(Observer):
     def sample(self) -> torch.Tensor:
         """All kept values, flat (per tensor) or as the last tensor seen (per channel)."""
         return torch.cat(self.samples) if self.axis is None else self.samples[-1]
+
+    def state(self, world: int = 1) -> dict:
+        """Per tensor, a sample thinned to this rank's share of SAMPLE_LIMIT, so the merged one stays bounded.
+        Per channel the sample is the weight itself, the same on every rank: it stays here."""
+        if self.axis is not None or not self.samples:
+            return {**super().state(world), "sample": None}
+        values = self.sample()
+        share = SAMPLE_LIMIT // world
+        if values.numel() > share:
+            values = values[torch.randperm(values.numel(), generator=self.generator)[:share]]
+        return {**super().state(world), "sample": values.cpu()}
+
+    def merge(self, states: list[dict]) -> None:
+        """Every rank's per-tensor sample joined in rank order (per-channel samples are kept)."""
+        super().merge(states)
+        parts = [s["sample"] for s in states if s["sample"] is not None]
+        if self.axis is None and parts:
+            device = self.low.device
+            self.samples = [torch.cat(parts).to(device)]
+            self.kept = self.samples[0].numel()
 
 
 class PercentileObserver(_SampleObserver):
@@ -145,6 +197,18 @@ class MseObserver(_SampleObserver):
             best_low, best_high = torch.where(better, low, best_low), torch.where(better, high, best_high)
         shape = self.low.shape
         return best_low.reshape(shape), best_high.reshape(shape)
+
+
+def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().cpu()
+
+
+def _fold(op, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """op(op(t0, t1), t2)...: in list order, so every rank adds in the same order."""
+    out = tensors[0]
+    for t in tensors[1:]:
+        out = op(out, t)
+    return out
 
 
 def make_observer(kind: str, axis: int | None = None, percentile: float = 99.99) -> Observer:

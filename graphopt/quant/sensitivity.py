@@ -12,13 +12,14 @@ import math
 import torch
 import torch.fx as fx
 
+from graphopt import distributed
 from graphopt.inputs import ExampleInputs, flat_outputs
 from graphopt.progress import progress
 from graphopt.quant.quantizer import quantizers
 
 
-def sqnr_db(reference: list[torch.Tensor], test: list[torch.Tensor]) -> float:
-    """10*log10(sum ref^2 / sum (ref - test)^2) over all float outputs; inf when they are equal."""
+def signal_and_noise(reference: list[torch.Tensor], test: list[torch.Tensor]) -> tuple[float, float]:
+    """(sum ref^2, sum (ref - test)^2) over all float outputs."""
     signal = noise = 0.0
     for r, t in zip(reference, test):
         if not r.is_floating_point():
@@ -26,9 +27,17 @@ def sqnr_db(reference: list[torch.Tensor], test: list[torch.Tensor]) -> float:
         r, t = r.detach().double(), t.detach().double()
         signal += float(r.pow(2).sum())
         noise += float((r - t).pow(2).sum())
-    if noise == 0:
-        return math.inf
-    return 10 * math.log10(max(signal, 1e-30) / noise)
+    return signal, noise
+
+
+def decibels(signal: float, noise: float) -> float:
+    """10*log10(signal / noise); inf for no noise."""
+    return math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise)
+
+
+def sqnr_db(reference: list[torch.Tensor], test: list[torch.Tensor]) -> float:
+    """10*log10(sum ref^2 / sum (ref - test)^2) over all float outputs; inf when they are equal."""
+    return decibels(*signal_and_noise(reference, test))
 
 
 def run_outputs(gm: fx.GraphModule, batches: list[ExampleInputs]) -> list[torch.Tensor]:
@@ -61,11 +70,13 @@ def rank_layers(gm: fx.GraphModule, owners: dict[str, list[str]], batches: list[
     names = list(quantizers(gm))
     with with_states(gm, {n: "off" for n in names}):
         reference = run_outputs(gm, batches)
-    ranking = []
+    powers = []
     for layer, own in progress(list(owners.items()), "sensitivity"):
         states = {n: ("quantize" if n in own else "off") for n in names}
         with with_states(gm, states):
-            ranking.append((layer, sqnr_db(reference, run_outputs(gm, batches))))
+            powers.extend(signal_and_noise(reference, run_outputs(gm, batches)))
+    powers = distributed.sum_numbers(powers)  # every rank's batches: one ranking on every rank
+    ranking = [(layer, decibels(powers[2 * i], powers[2 * i + 1])) for i, layer in enumerate(owners)]
     ranking.sort(key=lambda item: item[1])
     return ranking
 
