@@ -40,8 +40,36 @@ def fold_batch_norms(gm: fx.GraphModule, ctx) -> list[str]:
 
 def bn_factor(gamma: torch.Tensor | None, running_var: torch.Tensor, eps: float) -> torch.Tensor:
     """gamma / sqrt(running_var + eps): the per-channel scale a fold multiplies the weight by."""
-    inv = torch.rsqrt(running_var + eps)
-    return inv if gamma is None else gamma * inv
+    if gamma is None:
+        return torch.rsqrt(running_var + eps)
+    return torch.ops.graphopt.bn_fold_factor(gamma, running_var, eps)
+
+
+# One opaque op, not rsqrt and mul: torch.compile's partitioner may recompute cheap pointwise ops in the backward
+# from their inputs, and here the input (running_var) is updated in place by the BatchNorm of the same forward,
+# so the backward saw the new statistics (QAT gradients off by ~5%, torch 2.13). A custom op is never recomputed:
+# its output, taken before the update, is what the backward reads.
+@torch.library.custom_op("graphopt::bn_fold_factor", mutates_args=())
+def _bn_fold_factor(gamma: torch.Tensor, running_var: torch.Tensor, eps: float) -> torch.Tensor:
+    return gamma * torch.rsqrt(running_var + eps)
+
+
+@_bn_fold_factor.register_fake
+def _(gamma, running_var, eps):
+    return torch.empty_like(gamma * running_var)
+
+
+def _bn_fold_factor_setup(ctx, inputs, output):
+    _gamma, running_var, eps = inputs
+    ctx.save_for_backward(torch.rsqrt(running_var + eps))
+
+
+def _bn_fold_factor_backward(ctx, grad):
+    (inv,) = ctx.saved_tensors
+    return grad * inv, None, None
+
+
+_bn_fold_factor.register_autograd(_bn_fold_factor_backward, setup_context=_bn_fold_factor_setup)
 
 
 def scale_weight(w: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
