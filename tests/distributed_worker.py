@@ -81,7 +81,7 @@ def zero_fractions(batches) -> list[float]:
 
 def training(model, x, rank: int, world: int) -> dict:
     """DDP fine-tuning of a pruned model (uneven batch counts), one even step against single-process training,
-    QAT with learnable scales, FSDP2."""
+    a layer-removed model, QAT with learnable scales, FSDP2."""
     out = {}
     pruned = optimized(model, "prune-channels:ratio=0.5", x, None).module
     out["pruned_before"] = state(pruned)
@@ -99,6 +99,11 @@ def training(model, x, rank: int, world: int) -> dict:
                      torch.cat([labelled(r, 1)[0][1] for r in range(world)]))]
             finetune(alone, both, epochs=1, lr=1e-2)
             out["single_step"] = state(alone)
+
+    shallow = optimized(model, [RemoveLayers(n=1, criterion="output-error", protect=())], x, images(rank)).module
+    out["removed_before"] = state(shallow)
+    finetune(shallow, labelled(rank, 2), epochs=1, lr=1e-2)
+    out["removed"] = state(shallow)
 
     qat = optimized(model, "fake-quant:qat=true", x, images(rank)).module
     prepare_qat(qat, learnable_scales=True)

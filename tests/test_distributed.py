@@ -133,6 +133,12 @@ def test_a_ddp_step_equals_one_process_stepping_on_both_ranks_batches(ranks):
         torch.testing.assert_close(ranks[0]["ddp_step"][name], value, rtol=1e-5, atol=1e-6)
 
 
+def test_ddp_fine_tuning_of_a_layer_removed_model_keeps_ranks_equal(ranks):
+    assert identical(ranks[0]["removed"], ranks[1]["removed"])
+    assert not identical(ranks[0]["removed"], ranks[0]["removed_before"])
+    assert len(ranks[0]["removed"]) < len(ranks[0]["pruned_before"])  # one residual block's tensors are gone
+
+
 def test_qat_under_ddp_keeps_weights_scales_and_batchnorm_statistics_equal(ranks):
     assert identical(ranks[0]["qat"], ranks[1]["qat"])
     before, after = ranks[0]["qat_before"], ranks[0]["qat"]
@@ -168,6 +174,16 @@ def test_cli_under_torchrun_splits_the_data_and_writes_once(tmp_path):
     loaded = graphopt.load(tmp_path / "out" / "model.graphopt")
     assert loaded.module(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     assert "calib_batches=2" in proc.stdout  # 4 batches of 8 split between 2 ranks
+
+
+def test_readme_training_script_runs_under_torchrun(tmp_path):
+    """The README's train_distributed.py, run as the README says (test_readme runs it as one process)."""
+    from test_readme import README, python_blocks
+
+    script = next(b for b in python_blocks(README.read_text()) if b.startswith("# train_distributed.py"))
+    (tmp_path / "train_distributed.py").write_text(script)
+    proc = torchrun(["train_distributed.py"], cwd=tmp_path)
+    assert proc.stdout.count("parameters, fine-tune loss") == 1  # rank 0 prints
 
 
 def test_without_a_process_group_everything_is_local():

@@ -10,7 +10,8 @@ DOCS = sorted((Path(__file__).resolve().parents[1] / "docs").glob("*.md"))
 
 
 def test_every_capability_has_an_executed_page():
-    assert {p.stem for p in DOCS} >= {"layers", "quantization", "sparsity", "export-and-saving", "command-line"}
+    assert {p.stem for p in DOCS} >= {"layers", "quantization", "sparsity", "export-and-saving", "command-line",
+                                      "distributed"}
 
 
 @pytest.mark.parametrize("page", DOCS, ids=lambda p: p.stem)
