@@ -119,9 +119,9 @@ def reading(rows: list[dict]) -> str:
     return (f"Compiling the optimized graph changes its eager latency by {geomean(list(gain.values())):.2f}x "
             f"(geometric mean over {len(rows)} cases), from {gain[worst]:.2f}x ({worst}) to {gain[best]:.2f}x "
             f"({best}). Every compiled graph was one graph (fullgraph=True). Float graphs match their eager outputs "
-            f"to float reordering (SQNR >= {_float_floor(rows):.0f} dB); in a fake-quant graph, inductor's own arithmetic moves a few "
-            "values across rounding boundaries, so compiled and eager differ by about one quantization step in places, "
-            "and the last column shows the compiled graph is as close to the float model as the eager one. "
+            f"to float reordering (SQNR >= {_float_floor(rows):.0f} dB); in a fake-quant graph, inductor's own "
+            "arithmetic moves a few values across rounding boundaries, so compiled and eager differ by about one "
+            "quantization step in places, and the last column shows the compiled graph is as close to the float model as the eager one. "
             + _quant_note(gain) + "Timings are medians of interleaved rounds on a shared machine and can move by "
             "several percent.")
 
