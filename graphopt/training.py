@@ -71,14 +71,7 @@ def finetune(
     dtype = _AMP[amp]
     if dtype is torch.float16 and device.type != "cuda":
         raise InputError("finetune: amp='fp16' needs a CUDA model; on CPU use amp='bf16'")
-    params = [p for p in module.parameters() if p.requires_grad]
-    if not params:
-        raise InputError(f"finetune: {type(module).__name__} has no trainable parameters (all have "
-                         "requires_grad=False); hint: call p.requires_grad_() on those to train")
-    frozen = sum(1 for p in module.parameters() if not p.requires_grad)
-    if frozen:
-        warnings.warn(f"finetune: {frozen} parameter tensors have requires_grad=False and stay fixed",
-                      GraphoptWarning, stacklevel=2)
+    params = _trainable(module)
     batches = _batches(data, batch_size, seed)
     torch.manual_seed(seed)
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
@@ -100,15 +93,7 @@ def finetune(
                     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                         out = model(x)
                         loss = _loss(out, y, x, loss_fn, teacher, temperature, alpha)
-                    opt.zero_grad(set_to_none=True)
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                        scaler.step(opt)
-                        scaler.update()
-                    else:
-                        loss.backward()
-                        opt.step()
-                    sched.step()
+                    _step(loss, opt, sched, scaler)
                     total, count = total + float(loss.detach()), count + 1
             if model is not module:
                 total, count = ranks.sum_numbers([total, count])
@@ -118,6 +103,32 @@ def finetune(
     finally:
         _set_mode(module, was_training)
     return history
+
+
+def _trainable(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters finetune trains; InputError when there are none, a warning naming how many stay fixed."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise InputError(f"finetune: {type(module).__name__} has no trainable parameters (all have "
+                         "requires_grad=False); hint: call p.requires_grad_() on those to train")
+    frozen = sum(1 for p in module.parameters() if not p.requires_grad)
+    if frozen:
+        warnings.warn(f"finetune: {frozen} parameter tensors have requires_grad=False and stay fixed",
+                      GraphoptWarning, stacklevel=3)
+    return params
+
+
+def _step(loss: torch.Tensor, opt, sched, scaler) -> None:
+    """Backward, one optimizer step (through the fp16 GradScaler when there is one), one scheduler step."""
+    opt.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss.backward()
+        opt.step()
+    sched.step()
 
 
 def data_parallel(module: nn.Module, distributed: bool | None = None) -> nn.Module:

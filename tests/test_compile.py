@@ -63,6 +63,7 @@ def test_compiled_fake_quant_graph_quantizes_like_eager():
     model, (x,) = example_model()
     batches = [torch.randn(4, 3, 32, 32) for _ in range(2)]
     gm = graphopt.optimize(model, "prune-channels:ratio=0.25,fake-quant", x, calib_data=batches).module
+    assert len(quantizers(gm)) >= 10
     compiled_matches_eager(gm, ExampleInputs.of(torch.randn(3, 3, 32, 32)), rtol=1e-4, atol=1e-4)
 
 
@@ -110,4 +111,6 @@ def test_compiled_channels_last_lowered_graph():
     model, (x,) = example_model()
     gm = graphopt.optimize(model, "fuse,prune-channels:ratio=0.5", x).module
     lowered = graphopt.lower(gm, (x,), memory_format="channels_last")
+    assert any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+               for p in lowered.parameters())
     compiled_matches_eager(lowered, ExampleInputs.of(x), rtol=1e-4, atol=1e-4)
