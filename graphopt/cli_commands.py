@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from graphopt import distributed
-from graphopt.cli_distributed import per_rank, rank_path, share_rows
+from graphopt.cli_distributed import per_rank, rank_path
 from graphopt.cli_model import (
     calibration_batches, finetune_data, inputs_of_saved, load_model, parse_shapes,
 )
@@ -61,7 +61,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     result = graphopt.optimize(model, args.passes or [], inputs, calib_data=calib)
     if args.finetune:
         data = finetune_data(rank_path(args.finetune))
-        data = data if per_rank(args.finetune) else share_rows(*data)
+        data = data if per_rank(args.finetune) else tuple(distributed.shard(t) for t in data)
         step(f"fine-tuning for {args.epochs} epochs{' with distillation' if args.distill else ''}")
         unfreeze(result.module)  # rewritten weights (fuse) may come back with requires_grad=False
         losses = finetune(result.module, data, epochs=args.epochs, lr=args.lr,

@@ -12,7 +12,6 @@ import contextlib
 import os
 from typing import Iterator
 
-import torch
 import torch.distributed as dist
 
 from graphopt import distributed
@@ -45,11 +44,3 @@ def rank_path(spec: str | None) -> str | None:
 def per_rank(spec: str | None) -> bool:
     """Whether ``spec`` names one file per rank."""
     return bool(spec) and "{rank}" in spec
-
-
-def share_rows(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's rows of a fine-tuning set read by every rank."""
-    if not distributed.active():
-        return inputs, targets
-    r, n = distributed.rank(), distributed.world_size()
-    return inputs[r::n], targets[r::n]

@@ -119,12 +119,12 @@ def gather_objects(obj: Any) -> list[Any]:
     return gathered
 
 
-def shard(items: Sequence[Any]) -> list[Any]:
-    """This rank's share of ``items`` (every ``world_size()``-th item from ``rank()``); all of them when not
-    ``active()``. For splitting one list of calibration batches between ranks."""
+def shard(items: Any) -> Any:
+    """This rank's share of ``items``, anything sliceable (a list of batches, the rows of a tensor): every
+    ``world_size()``-th item from ``rank()``; ``items`` itself when not ``active()``."""
     if not active():
-        return list(items)
-    return list(items[rank()::world_size()])
+        return items
+    return items[rank()::world_size()]
 
 
 def broadcast_buffers(module: nn.Module) -> None:

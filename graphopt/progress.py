@@ -11,14 +11,14 @@ import sys
 import time
 from typing import Iterable, Iterator, TypeVar
 
+from graphopt.distributed import rank
+
 T = TypeVar("T")
 
 
 def enabled() -> bool:
     """Whether progress lines are drawn: never on ranks other than 0; then the env switch, else only on an
     interactive stderr."""
-    from graphopt.distributed import rank
-
     if rank() != 0:
         return False
     flag = os.environ.get("GRAPHOPT_PROGRESS")
