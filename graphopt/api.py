@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import torch.fx as fx
@@ -13,6 +13,7 @@ from graphopt.pipeline import Context, Pass, PassManager
 from graphopt.registry import parse_pipeline
 from graphopt.report import Report
 from graphopt.trace import Capture, trace
+from graphopt.writeback import snapshot
 
 
 @dataclass
@@ -21,6 +22,22 @@ class OptimizeResult:
 
     module: fx.GraphModule
     report: Report
+    _original: nn.Module | None = field(default=None, repr=False)  # the caller's model (never changed)
+    _snapshot: Any = field(default=None, repr=False)  # the captured graph before any pass (graphopt.writeback)
+    _inputs: Any = field(default=None, repr=False)
+
+    def to_model(self, *, verify: bool = True) -> nn.Module:
+        """The user's own model back: a copy of the model given to ``optimize``, the same class, with every change
+        of the pipeline applied to its modules (sliced weights, size attributes, removed blocks, low-rank layers,
+        folded norms, sparsity masks; an HF model's ``config``). With ``verify`` it is run on the example inputs
+        and a second batch size and must match ``self.module``, else WritebackError names the module at fault."""
+        from graphopt.errors import WritebackError
+        from graphopt.writeback import to_model
+
+        if self._original is None or self._snapshot is None:
+            raise WritebackError("to_model() needs the result of graphopt.optimize in this process (a result "
+                                 "loaded with graphopt.load has no model to write back into); use result.module")
+        return to_model(self.module, self._original, self._snapshot, self._inputs, verify=verify)
 
     @property
     def capture(self) -> str:
@@ -54,6 +71,7 @@ def optimize(
     manager = PassManager(parse_pipeline(passes) if isinstance(passes, str) else passes, verify=verify)
     gm = trace(model, example_inputs, capture=capture, leaf_modules=leaf_modules, dynamic=dynamic)
     distributed.check_same_weights(gm)
+    snap = snapshot(gm, model)
     ctx = Context(example_inputs, calib_data=calib_data)
     gm, report = manager.run(gm, ctx)
-    return OptimizeResult(gm, report)
+    return OptimizeResult(gm, report, model, snap, ctx.inputs)

@@ -308,8 +308,60 @@ def _plain_block(gm: fx.GraphModule, path: str, nodes: set[fx.Node], taken) -> B
     return Block(path, (branch,), _numel(gm, params))
 
 
+def scope_of(node: fx.Node) -> str:
+    """The innermost module path whose forward produced ``node`` ("" at the root or when unknown)."""
+    paths = _module_paths(node)
+    return paths[-1] if paths else ""
+
+
+def removal_record(gm: fx.GraphModule, block: Block) -> dict:
+    """What the write-back (``to_model``) needs to know of a removed block.
+
+    ``own_output``: the block's module returns ``x + f(x)`` itself (a ResNet block without a post-add op, an HF
+    decoder layer), so the whole module can go. Otherwise ``zero`` lists the outermost modules all of whose nodes
+    are in the removed bodies (they compute only the branch; their output becomes zeros), and ``plain`` says the
+    block was a plain layer (replaced by its input)."""
+    name = block.name
+    within = lambda path: path == name or path.startswith(name + ".")  # noqa: E731
+    plain = any(not is_op(br.add, aten.add) for br in block.branches)
+    last = block.branches[-1].add
+    own = (not plain and not block.projection and all(within(scope_of(br.add)) for br in block.branches)
+           and not any(within(scope_of(u)) for u in last.users if not _is_assert(u)))
+    body = {n for br in block.branches for n in br.body}
+    return {"name": name, "own_output": own, "plain": plain, "zero": [] if own or plain else _modules_inside(gm, body)}
+
+
+def _passes_through(node: fx.Node) -> bool:
+    """A conversion that converts nothing (an RMSNorm's ``x.to(float32)`` of a float32 x, also read by the
+    residual): it belongs to no branch, so it does not keep its module out of the removed ones."""
+    name = getattr(node.target, "__name__", "")
+    x = node.args[0] if node.args else None
+    if name.split(".")[0] not in ("to", "_to_copy", "alias", "contiguous", "detach") or not isinstance(x, fx.Node):
+        return False
+    a, b = x.meta.get("tensor_meta"), node.meta.get("tensor_meta")
+    return hasattr(a, "dtype") and hasattr(b, "dtype") and a.dtype == b.dtype and a.shape == b.shape
+
+
+def _modules_inside(gm: fx.GraphModule, body: set[fx.Node]) -> list[str]:
+    """The outermost module paths whose every node lies in ``body``."""
+    outside: set[str] = set()
+    inside: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and not _is_assert(node) and not (node not in body and _passes_through(node)):
+            (inside if node in body else outside).update(_module_paths(node))
+    full = sorted(inside - outside, key=lambda p: p.count("."))
+    outer: list[str] = []
+    for path in full:
+        if not any(path.startswith(o + ".") for o in outer):
+            outer.append(path)
+    return outer
+
+
 def remove_blocks(gm: fx.GraphModule, blocks: list[Block]) -> None:
-    """Replace each block's output by its kept input, erase the bodies, then drop dead nodes and parameters."""
+    """Replace each block's output by its kept input, erase the bodies, then drop dead nodes and parameters.
+
+    Each removal is recorded in ``gm.meta["graphopt_removed_blocks"]`` (see ``removal_record``)."""
+    gm.meta.setdefault("graphopt_removed_blocks", []).extend(removal_record(gm, b) for b in blocks)
     erase: set[fx.Node] = set()
     for block in blocks:
         for br in block.branches:

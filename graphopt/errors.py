@@ -15,6 +15,23 @@ class InputError(GraphoptError, TypeError):
     """The caller passed something graphopt cannot work with (not a Module, bad example inputs, bad options)."""
 
 
+class MissingDataError(InputError):
+    """A pass needs data the caller did not give. ``keyword`` names the ``graphopt.optimize`` argument that
+    supplies it and ``problem`` says what is missing without the remedy, so a front end can name its own way
+    to give the data (the CLI says ``--calib``) instead of the Python keyword the message names."""
+
+    def __init__(self, problem: str, remedy: str, *, keyword: str, sep: str = ": "):
+        super().__init__(f"{problem}{sep}{remedy}")
+        self.problem, self.remedy, self.keyword, self.sep = problem, remedy, keyword, sep
+
+    def __reduce__(self):  # the default would call __init__ with the message alone (pickling, torch.distributed)
+        return _missing_data, (self.problem, self.remedy, self.keyword, self.sep)
+
+
+def _missing_data(problem: str, remedy: str, keyword: str, sep: str) -> MissingDataError:
+    return MissingDataError(problem, remedy, keyword=keyword, sep=sep)
+
+
 class TraceError(GraphoptError):
     """Neither ``torch.export`` nor ``torch.fx.symbolic_trace`` could capture the model."""
 
@@ -33,3 +50,7 @@ class VerifyError(GraphoptError):
 
 class GraphoptWarning(UserWarning):
     """Something was left alone on purpose (e.g. channels frozen at an op without a dependency rule)."""
+
+
+class WritebackError(GraphoptError):
+    """``to_model()`` cannot rebuild the user's own model class so that it computes what the optimized graph does."""

@@ -46,3 +46,11 @@ class SparseLinear(nn.Module):
         """in/out features, format and stored entries."""
         return (f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, "
                 f"entries={self.cols.numel()}, threads={self.threads}")
+
+
+class SparsePointwiseConv(SparseLinear):
+    """A 1x1, stride-1 Conv2d as a SparseLinear over channels: NCHW in, NCHW out (the rows are NHWC views)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The 1x1 convolution of ``x`` (N, C, H, W)."""
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)

@@ -144,10 +144,17 @@ def stack(w: Walk, node: fx.Node):
 
 
 def _split_sizes_rewrite(node: fx.Node, resized) -> None:
-    """Uneven pruning turns split/chunk into split_with_sizes with the pruned sizes."""
+    """New split sizes. Equal parts keep the op as written (``chunk(x, 2)`` stays, ``split(x, 64)`` becomes
+    ``split(x, 32)``), so the constants still say what the model's forward says; uneven pruning turns split/chunk
+    into split_with_sizes with the pruned sizes."""
     x = node.args[0]
     dim = _split_dim(node)
     sizes = [s[dim] for s in resized.new_shape(node)]
+    if len(set(sizes)) == 1 and node.target == aten.chunk.default:
+        return
+    if len(set(sizes)) == 1 and node.target == aten.split.Tensor:
+        node.args = (x, sizes[0], *node.args[2:])
+        return
     node.target, node.args, node.kwargs = aten.split_with_sizes.default, (x, sizes, dim), {}
 
 
@@ -159,16 +166,29 @@ def _split_dim(node: fx.Node) -> int:
 
 @register_rule(aten.split, aten.split_with_sizes, aten.chunk, aten.tensor_split, rewrite=_split_sizes_rewrite)
 def split_rule(w: Walk, node: fx.Node):
-    """Each output holds a consecutive run of the split dim's keys."""
+    """Each output holds a consecutive run of the split dim's keys. ``chunk`` parts stay equal (index i of every
+    part goes together): the user's ``x.chunk(n)`` then still splits the pruned tensor the same way, so the model
+    can be written back (``to_model``)."""
     x = w.keys(node.args[0])
     dim = _split_dim(node)
     keys, start, outs = w.dk(x, dim), 0, []
+    if node.target == aten.chunk.default:
+        _couple_equal_parts(w, keys, [int(m.shape[dim]) for m in node.meta["tensor_meta"]], node.name)
     for meta in node.meta["tensor_meta"]:
         n = int(meta.shape[dim])
         outs.append(w.tensor([keys[start:start + n] if d == dim else w.dk(x, d) for d in range(len(x.dims))],
                              node.name))
         start += n
     return tuple(outs)
+
+
+def _couple_equal_parts(w: Walk, keys, sizes: list[int], label: str) -> None:
+    if len(set(sizes)) != 1:
+        return
+    m = sizes[0]
+    for j in range(1, len(sizes)):
+        for i in range(m):
+            w.space.unify_keys(w.space.normalize(keys[i]), w.space.normalize(keys[j * m + i]), f"{label} (chunk)")
 
 
 @register_rule(aten.unbind)

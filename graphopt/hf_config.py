@@ -1,0 +1,163 @@
+"""Hugging Face configs after a write-back: one table of where each family keeps its sizes, one updater.
+
+A ``transformers`` model is rebuilt by ``from_pretrained`` from its ``config`` alone, so after pruning the config
+must describe the new module shapes: hidden size, attention and key/value heads, head_dim, intermediate size,
+number of layers and per-layer lists (``layer_types``); ``layer_idx`` of the kept layers is renumbered so that the
+KV cache indexes the right slot. Family knowledge (module names, config field names) lives in ``FAMILIES`` only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a family keeps its sizes, relative to one layer of its layer list.
+
+    ``q``/``k``: query/key projections; ``qkv``: a fused projection and how many equal parts it holds (GPT-2's
+    ``c_attn``: 3) or None for (heads + 2 * kv_heads) * head_dim (Phi-3); ``up``: the MLP's widening layer (a fused
+    gate+up counts half); ``intermediate``: the config field of the MLP width."""
+
+    layers: str
+    q: str = ""
+    k: str = ""
+    qkv: str = ""
+    qkv_parts: int | None = 3
+    up: str = ""
+    up_fused: bool = False
+    intermediate: str = "intermediate_size"
+
+
+_LLAMA = Family("model.layers", q="self_attn.q_proj", k="self_attn.k_proj", up="mlp.up_proj")
+FAMILIES: dict[str, Family] = {
+    **{t: _LLAMA for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2",
+                           "granite", "smollm3", "cohere", "stablelm")},
+    "phi3": Family("model.layers", qkv="self_attn.qkv_proj", qkv_parts=None, up="mlp.gate_up_proj", up_fused=True),
+    "phi": Family("model.layers", q="self_attn.q_proj", k="self_attn.k_proj", up="mlp.fc1"),
+    "gpt2": Family("transformer.h", qkv="attn.c_attn", up="mlp.c_fc", intermediate="n_inner"),
+    "gpt_neox": Family("gpt_neox.layers", qkv="attention.query_key_value", up="mlp.dense_h_to_4h"),
+    "opt": Family("model.decoder.layers", q="self_attn.q_proj", k="self_attn.k_proj", up="fc1", intermediate="ffn_dim"),
+    "falcon": Family("transformer.h", qkv="self_attention.query_key_value", qkv_parts=None,
+                     up="mlp.dense_h_to_4h", intermediate="ffn_hidden_size"),
+    "bloom": Family("transformer.h", qkv="self_attention.query_key_value", up="mlp.dense_h_to_4h",
+                    intermediate=""),
+    "bert": Family("encoder.layer", q="attention.self.query", k="attention.self.key", up="intermediate.dense"),
+    "roberta": Family("encoder.layer", q="attention.self.query", k="attention.self.key", up="intermediate.dense"),
+    "vit": Family("encoder.layer", q="attention.attention.query", k="attention.attention.key",
+                  up="intermediate.dense"),
+}
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``transformers.PreTrainedModel`` (without importing transformers if it is absent)."""
+    return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers")
+               for c in type(model).__mro__)
+
+
+def update_config(model: nn.Module, deleted: list[tuple[str, int]]) -> list[str]:
+    """Make ``model.config`` describe its modules; renumber ``layer_idx``. Returns warnings (sizes the config
+    cannot describe: widths that differ per layer, an unknown family)."""
+    config = model.config
+    base = model.base_model_prefix if hasattr(model, model.base_model_prefix or "-") else ""
+    family = FAMILIES.get(config.model_type)
+    layers = _layer_list(model, family, base)
+    _drop_layers(model, config, layers, deleted)
+    embeddings = model.get_input_embeddings()
+    if isinstance(embeddings, nn.Embedding):
+        _set(config, "hidden_size", embeddings.embedding_dim)
+    if family is None:
+        return [f"{type(model).__name__} (model_type '{config.model_type}') has no entry in graphopt.hf_config."
+                "FAMILIES: only the hidden size and layer count of its config were updated"]
+    if layers is None or not len(layers):
+        return []
+    return _update_widths(config, family, layers)
+
+
+def _layer_list(model: nn.Module, family: Family | None, base: str) -> nn.ModuleList | None:
+    if family is None:
+        return None
+    for path in (family.layers, family.layers.partition(".")[2]):
+        try:
+            found = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(found, nn.ModuleList):
+            return found
+    return None
+
+
+def _drop_layers(model: nn.Module, config, layers: nn.ModuleList | None, deleted: list[tuple[str, int]]) -> None:
+    """After layers were deleted: the layer count, per-layer config lists, and every ``layer_idx`` renumbered."""
+    if layers is None:
+        return
+    old_count = config.num_hidden_layers
+    gone = {index for path, index in deleted if model.get_submodule(path) is layers}
+    for key, value in list(vars(config).items()):
+        if isinstance(value, list) and len(value) == old_count and gone:
+            setattr(config, key, [v for i, v in enumerate(value) if i not in gone])
+    _set(config, "num_hidden_layers", len(layers))
+    for i, layer in enumerate(layers):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx") and isinstance(module.layer_idx, int):
+                module.layer_idx = i
+
+
+def _update_widths(config, family: Family, layers: nn.ModuleList) -> list[str]:
+    head_dim = _head_dim(config)
+    per_layer = [_widths(layer, family, head_dim) for layer in layers]
+    warnings = []
+    if any(w != per_layer[0] for w in per_layer):
+        warnings.append(f"the layers of this {config.model_type} model have different widths after pruning "
+                        f"({sorted(set(per_layer))}); its config can describe only one, so from_pretrained cannot "
+                        "rebuild it: save it with graphopt.save or torch.save, or prune with uniform widths")
+    heads, kv_heads, intermediate = per_layer[0]
+    if heads:
+        _set(config, "num_attention_heads", heads)
+    if kv_heads and hasattr(config, "num_key_value_heads"):
+        _set(config, "num_key_value_heads", kv_heads)
+    if heads and getattr(config, "head_dim", None) is None and heads * head_dim != config.hidden_size:
+        if "head_dim" in type(config)().to_dict() or hasattr(type(config), "head_dim"):
+            config.head_dim = head_dim
+        else:
+            warnings.append(f"{config.model_type} configs derive head_dim from hidden_size / num_attention_heads; "
+                            f"{heads} heads of {head_dim} no longer fit hidden size {config.hidden_size}")
+    if intermediate and family.intermediate:
+        _set(config, family.intermediate, intermediate)
+    return warnings
+
+
+def _head_dim(config) -> int:
+    explicit = getattr(config, "head_dim", None)
+    return int(explicit) if explicit else config.hidden_size // config.num_attention_heads
+
+
+def _widths(layer: nn.Module, family: Family, head_dim: int) -> tuple[int, int, int]:
+    """(heads, key/value heads, MLP width) of one layer, from its weights."""
+    heads = kv = 0
+    if family.q:
+        heads = _out(layer, family.q) // head_dim
+        kv = _out(layer, family.k) // head_dim
+    elif family.qkv:
+        total = _out(layer, family.qkv)
+        heads = kv = total // (family.qkv_parts or 3) // head_dim  # (heads + 2 kv) layouts keep their kv below
+    up = _out(layer, family.up) if family.up else 0
+    return heads, kv, up // 2 if family.up_fused else up
+
+
+def _out(layer: nn.Module, path: str) -> int:
+    try:
+        module = layer.get_submodule(path)
+    except AttributeError:
+        return 0
+    if isinstance(module, nn.Sequential):  # a low-rank pair: the second layer gives the width
+        module = module[-1]
+    weight = module.weight
+    return weight.shape[1] if type(module).__name__ == "Conv1D" else weight.shape[0]
+
+
+def _set(config, field: str, value) -> None:
+    if field and (hasattr(config, field) or field in getattr(config, "attribute_map", {})):
+        setattr(config, field, value)
