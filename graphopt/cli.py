@@ -13,13 +13,20 @@ import os
 import sys
 import traceback
 
-from graphopt.errors import GraphoptError, InputError, PipelineError, TraceError
+from graphopt.errors import GraphoptError, InputError, MissingDataError, PipelineError, TraceError
 
 _HINTS = {  # error type -> what to try, when the message carries no hint of its own
     "PipelineError": "run `graphopt passes` to list the registered passes and their options",
     "TraceError": "run `graphopt inspect MODEL --input-shape ...` or see GRAPHOPT_DEBUG=1 for each capture attempt",
     "LoadError": "write the file again with `graphopt optimize ... --out DIR` or graphopt.save",
     "InputError": "run `graphopt COMMAND --help` for the expected arguments",
+}
+
+# graphopt.optimize keyword -> how the command line gives the same data: passes name the Python keyword in their
+# MissingDataError; under the CLI the hint names the flag instead
+_FLAGS = {
+    "calib_data": "add --calib FILE.pt (a torch.save file of an (N, ...) tensor of real inputs), or --calib "
+                  "random:N to try the command out on random inputs",
 }
 
 
@@ -105,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def format_error(e: BaseException) -> str:
     """One line saying what went wrong, and one line with a hint."""
+    if isinstance(e, MissingDataError) and e.keyword in _FLAGS:
+        return f"graphopt: error: {e.problem}\nhint: {_FLAGS[e.keyword]}"
     text = str(e).strip() or type(e).__name__
     first = text.splitlines()[0]
     message, sep, hint = first.partition("; hint: ")

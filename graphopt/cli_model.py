@@ -107,6 +107,8 @@ def calibration_batches(spec: str | None, example: tuple[torch.Tensor, ...], bat
     data = read_tensors(spec, "--calib")
     if not isinstance(data, torch.Tensor):
         raise InputError(f"--calib file '{spec}' must hold one tensor of inputs (N, ...), got {type(data).__name__}")
+    if data.dim() == 0 or not len(data):  # no batches: the passes would say calib_data is empty
+        raise InputError(f"--calib file '{spec}' holds no inputs: expected a tensor (N, ...) with N > 0")
     return [(data[i:i + batch],) for i in range(0, len(data), batch)]
 
 

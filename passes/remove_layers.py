@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from graphopt import distributed
 from graphopt.blocks import Block, find_blocks, remove_blocks
-from graphopt.errors import InputError, PassError, PipelineError
+from graphopt.errors import InputError, MissingDataError, PassError, PipelineError
 from graphopt.inputs import ExampleInputs, flat_outputs
 from graphopt.pipeline import Context, Pass, PassResult
 from graphopt.progress import progress
@@ -140,10 +140,11 @@ class RemoveLayers(Pass):
         data = ctx.calib_data
         if data is None:
             if not self.use_example_inputs:
-                raise InputError(
-                    f"remove-layers: criterion '{self.criterion}' needs calibration batches; pass "
-                    "calib_data=[batch, ...] to graphopt.optimize (or Context), name the blocks to remove "
-                    "with blocks=(...), or set use_example_inputs=True to score on the example inputs")
+                raise MissingDataError(  # the CLI names its --calib flag instead of calib_data=
+                    f"remove-layers: criterion '{self.criterion}' needs calibration batches",
+                    "pass calib_data=[batch, ...] to graphopt.optimize (or Context), name the blocks to remove "
+                    "with blocks=(...), or set use_example_inputs=True to score on the example inputs",
+                    keyword="calib_data", sep="; ")
             data = [ctx.inputs]
         batches = [ExampleInputs.of(b) for b in data]  # listed once: output-error runs them once per block
         if self.max_batches:

@@ -99,6 +99,12 @@ def test_inspect_prints_groups_blocks_and_layers(capsys):
     (["optimize", ZOO_MODEL, "--passes", "fuse"],
      "graphopt: error: --input-shape is required for a model built from code",
      "hint: --input-shape 1,3,224,224 (repeat the option for several inputs)"),
+    (["optimize", ZOO_MODEL, "--input-shape", "1,3,32,32", "--passes", "fuse,fake-quant"],  # the CLI's flag,
+     "graphopt: error: fake-quant needs calibration data to choose its scales",  # not the API's calib_data=
+     "hint: add --calib FILE.pt (a torch.save file of an (N, ...) tensor of real inputs), or --calib random:N"),
+    (["optimize", ZOO_MODEL, "--input-shape", "1,3,32,32", "--passes", "remove-layers:n=1,protect=[]"],
+     "graphopt: error: remove-layers: criterion 'block-influence' needs calibration batches",
+     "hint: add --calib FILE.pt"),
 ])
 def test_errors_are_one_line_and_a_hint(tmp_path, capsys, args, message, hint):
     cwd = os.getcwd()
@@ -144,3 +150,14 @@ def test_unknown_command_exits_with_code_2():
     with pytest.raises(SystemExit) as info:
         main(["nonsense"])
     assert info.value.code == 2
+
+
+def test_missing_calibration_data_names_the_flag_not_the_keyword(tmp_path):
+    proc = _run("optimize", ZOO_MODEL, "--input-shape", "1,3,32,32", "--passes", "fake-quant",
+                "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "--calib" in proc.stderr and "calib_data" not in proc.stderr, proc.stderr
+    empty = tmp_path / "empty.pt"
+    torch.save(torch.zeros(0, 3, 32, 32), empty)
+    proc = _run("optimize", ZOO_MODEL, "--input-shape", "1,3,32,32", "--passes", "fake-quant", "--calib", str(empty),
+                "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and f"--calib file '{empty}' holds no inputs" in proc.stderr, proc.stderr

@@ -14,21 +14,21 @@ import torch
 import torch.fx as fx
 
 from graphopt import distributed
-from graphopt.errors import InputError
+from graphopt.errors import InputError, MissingDataError
 from graphopt.inputs import ExampleInputs
 from graphopt.progress import progress
 from graphopt.quant.quantizer import quantizers
 
-NO_DATA = (
-    "fake-quant needs calibration data to choose its scales: pass graphopt.optimize(model, 'fake-quant', "
-    "example_inputs, calib_data=batches) with an iterable of input batches shaped like example_inputs"
-)
+NO_DATA_PROBLEM = "fake-quant needs calibration data to choose its scales"
+NO_DATA_REMEDY = ("pass graphopt.optimize(model, 'fake-quant', example_inputs, calib_data=batches) with an iterable "
+                  "of input batches shaped like example_inputs")
+NO_DATA = f"{NO_DATA_PROBLEM}: {NO_DATA_REMEDY}"
 
 
 def check_batches(calib_data: Iterable | None, example: ExampleInputs) -> list[ExampleInputs]:
     """The batches as ExampleInputs, each checked against ``example``; InputError naming the first bad one."""
-    if calib_data is None:
-        raise InputError(NO_DATA)
+    if calib_data is None:  # MissingDataError: the CLI names its --calib flag instead of calib_data=
+        raise MissingDataError(NO_DATA_PROBLEM, NO_DATA_REMEDY, keyword="calib_data")
     if isinstance(calib_data, (torch.Tensor, dict)):
         raise InputError(
             f"calib_data must be an iterable of batches, got a single {type(calib_data).__name__}; "
