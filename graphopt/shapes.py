@@ -50,7 +50,9 @@ def flat_graph_inputs(gm: fx.GraphModule, inputs: ExampleInputs) -> list[Any]:
     """The values of the graph's placeholders, in order, for a call ``gm(*args, **kwargs)``."""
     in_spec = getattr(gm, "_in_spec", None)
     if in_spec is not None:  # torch.export graphs flatten (args, kwargs) with their recorded spec
-        return fx_pytree.tree_flatten_spec((list(inputs.args), inputs.kwargs), in_spec)
+        complete = getattr(gm.graph._codegen, "complete", None)  # optional HF inputs (hf_capture.py)
+        args, kwargs = complete(inputs.args, inputs.kwargs) if complete else (inputs.args, inputs.kwargs)
+        return fx_pytree.tree_flatten_spec((list(args), kwargs), in_spec)
     import inspect
 
     bound = inspect.signature(gm.forward).bind(*inputs.args, **inputs.kwargs)

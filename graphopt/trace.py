@@ -13,6 +13,7 @@ import copy
 import inspect
 import io
 import logging
+import re
 import warnings
 from typing import Any, Iterator, Literal, Sequence
 
@@ -25,6 +26,8 @@ from torch.export import Dim
 from graphopt.diagnose import locate, module_stack, short_reason
 from graphopt.errors import GraphoptWarning, InputError, TraceError
 from graphopt.fx_fallback import symbolic_capture
+from graphopt.guards import relax_size_one_guards
+from graphopt.hf_capture import plan_capture
 from graphopt.inputs import ExampleInputs, flat_outputs
 from graphopt.shapes import propagate
 
@@ -32,6 +35,12 @@ Capture = Literal["auto", "export", "fx"]
 _HINT = (
     "What you can do: make control flow independent of tensor values (torch.where, torch.cond), give non-tensor "
     "arguments fixed values, or keep the offending module opaque with leaf_modules=[ItsClass] (fx fallback)."
+)
+# torch.export's words for an output it cannot return; control-flow advice does not apply to those
+_OUTPUT_TYPE = re.compile(r"Found <class '([\w.]+)'> in output")
+_OUTPUT_HINT = (
+    "What you can do: the model returns a {kind} object, which a graph cannot return: return tensors, tuples, "
+    "dicts or dataclasses instead{extra}."
 )
 
 
@@ -59,8 +68,11 @@ def trace(
     inputs = ExampleInputs.of(example_inputs)
     model = copy.deepcopy(model) if copy_model else model
     model.eval()
-    reference = _run_eagerly(model, inputs)
+    hf = plan_capture(model, inputs)  # HF models: no KV cache in the graph, masks stay optional (hf_capture.py)
+    reference = _run_eagerly(model, hf.reference if hf else inputs)
+    inputs = hf.inputs if hf else inputs
     gm, route = _capture(model, inputs, capture, tuple(leaf_modules), dynamic)
+    gm = hf.install(gm) if hf else gm
     gm.meta["graphopt_capture"] = route
     outputs = propagate(gm, inputs)
     _check_reproduces(model, reference, outputs, route)
@@ -104,6 +116,7 @@ def _export(model: nn.Module, inputs: ExampleInputs, dynamic: bool) -> fx.GraphM
     with fx_config.patch(backed_size_oblivious=dynamic), _quiet_torch():
         ep = torch.export.export(model, inputs.args, inputs.kwargs, dynamic_shapes=shapes, strict=False)
     if dynamic:
+        relax_size_one_guards(model, inputs, ep)  # a model's `if size > 1` need not keep size 1 out (guards.py)
         _warn_narrow_batch(model, ep)
     gm = ep.module()
     # The input-structure pre-hook re-checks every call in Python (~10% of a small CNN's eager latency); the
@@ -160,8 +173,18 @@ def _trace_error(model: nn.Module, errors: list[tuple[str, BaseException]]) -> T
     lines = [f"could not trace {type(model).__name__}:"]
     for route, err in errors[-2:] if len(errors) > 2 else errors:
         lines.append(f"  {route} failed in {locate(err, model).describe()}: {short_reason(err)}")
-    lines.append(_HINT)
+    lines.append(_hint(errors))
     return TraceError("\n".join(lines))
+
+
+def _hint(errors: list[tuple[str, BaseException]]) -> str:
+    found = next((m for _, e in errors if (m := _OUTPUT_TYPE.search(str(e)))), None)
+    if found is None:
+        return _HINT
+    kind = found[1].rsplit(".", 1)[-1]
+    cache = "Cache" in kind  # an HF KV cache: graphopt captures HF models without one, wrappers must ask for that
+    return _OUTPUT_HINT.format(kind=kind, extra=" (for a Hugging Face model inside a wrapper, call it with "
+                               "use_cache=False)" if cache else " (or register the type with torch.utils._pytree)")
 
 
 def _check_reproduces(model: nn.Module, reference: list, outputs: list, route: str) -> None:
