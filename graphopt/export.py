@@ -28,6 +28,7 @@ import torch.nn as nn
 from torch.export import Dim
 
 from graphopt.errors import GraphoptError, GraphoptWarning, InputError
+from graphopt.graph_module import GraphoptModule
 from graphopt.inputs import ExampleInputs
 from graphopt.onnx_io import (
     FlatIO, count_qdq, ensure_fake_quant_meta_kernels, set_batch_dim_name, strip_initializer_prefix,
@@ -139,10 +140,11 @@ def export_onnx(
 def _in_eval_mode(module: nn.Module) -> nn.Module:
     """The module itself, or an eval() copy of a plain module left in training mode (dropout would break verify).
 
-    fx.GraphModules (graphopt results) are left alone: their graph was captured in eval mode whatever their flag
-    says, and torch.export's refuse ``.train()``/``.eval()``.
+    Plain fx.GraphModules are left alone: their graph fixes the mode whatever their flag says. graphopt's own
+    (GraphoptModule) switch modes like any module, so they are treated like one.
     """
-    if isinstance(module, fx.GraphModule) or not any(m.training for m in module.modules()):
+    fixed = isinstance(module, fx.GraphModule) and not isinstance(module, GraphoptModule)
+    if fixed or not any(m.training for m in module.modules()):
         return module
     warnings.warn(f"graphopt.export_onnx: {type(module).__name__} is in training mode; exporting an eval() copy "
                   "(dropout off, BatchNorm on running statistics). Call .eval() first to silence this",

@@ -20,6 +20,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from graphopt.errors import GraphoptWarning
+from graphopt.graph_module import GraphoptModule
 from graphopt.inputs import ExampleInputs, flat_outputs
 
 aten = torch.ops.aten
@@ -69,7 +70,8 @@ def lower(gm: fx.GraphModule, example_inputs: Any, *, rebind: bool = True,
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
             graph.erase_node(node)
-    lowered = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    kind = GraphoptModule if isinstance(gm, GraphoptModule) else fx.GraphModule  # keeps train()/eval(), pickling
+    lowered = kind(gm, graph, class_name=type(gm).__name__)
     for attr in ("_in_spec", "_out_spec"):
         if hasattr(gm, attr):
             setattr(lowered, attr, getattr(gm, attr))

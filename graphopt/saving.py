@@ -34,6 +34,7 @@ import torch.utils._pytree as pytree
 
 from graphopt.api import OptimizeResult
 from graphopt.graph_json import LoadError, SaveError, graph_from_json, graph_to_json
+from graphopt.graph_module import GraphoptModule, modes_kept, sync_graph_mode
 from graphopt.inputs import ExampleInputs, flat_outputs
 from graphopt.report import PassRecord, Report
 from graphopt.saving_modules import class_key, decode_module, encode_module, finish
@@ -67,7 +68,7 @@ def save(result: OptimizeResult | fx.GraphModule, path: str | os.PathLike, *, mo
     in_leaves, in_spec = pytree.tree_flatten((list(inputs.args), inputs.kwargs))
     if not all(isinstance(x, torch.Tensor) for x in in_leaves):
         raise SaveError("graphopt.save stores tensor example inputs only; pass example_inputs made of tensors")
-    with torch.no_grad(), _buffers_kept(gm):
+    with torch.no_grad(), _buffers_kept(gm), modes_kept(gm, training=False):  # eval: dropout would not reproduce
         outputs = [y.clone() for y in flat_outputs(inputs.call(gm))]
     meta = {
         "format": FORMAT, "torch": torch.__version__, "graph": graph, "tensors": layout,
@@ -227,9 +228,10 @@ def _build(meta: dict, tensors: dict, model: nn.Module | None) -> fx.GraphModule
         if entry["param"] and "alias_of" not in entry:
             t = tensors[source] = nn.Parameter(t, requires_grad=entry["requires_grad"])
         _install(root, name, t)
-    gm = fx.GraphModule(root, graph_from_json(meta["graph"]), class_name="GraphModule")
+    gm = GraphoptModule(root, graph_from_json(meta["graph"]), class_name="GraphModule")
     gm.meta["graphopt_capture"] = meta["capture"]
     gm.training = layout["training"]  # only this module's flag: the called submodules keep their own modes
+    sync_graph_mode(gm)  # a file from a plain GraphModule may hold eval-mode nodes under training=True
     return gm
 
 
@@ -289,7 +291,7 @@ def _check_outputs(gm: fx.GraphModule, meta: dict, payload: dict, path, verify: 
     args, kwargs = pytree.tree_unflatten(payload["check_inputs"], pytree.treespec_loads(meta["check"]["in_spec"]))
     gm.meta["graphopt_example_inputs"] = ExampleInputs(tuple(args), dict(kwargs))
     try:
-        with _buffers_kept(gm):
+        with _buffers_kept(gm), modes_kept(gm, training=False):  # the mode save checked in
             got = propagate(gm, gm.meta["graphopt_example_inputs"])
     except Exception as e:
         raise LoadError(f"{path}: the loaded model fails on its stored example inputs: {type(e).__name__}: {e}") from e

@@ -26,6 +26,7 @@ from torch.export import Dim
 from graphopt.diagnose import locate, module_stack, short_reason
 from graphopt.errors import GraphoptWarning, InputError, TraceError
 from graphopt.fx_fallback import symbolic_capture
+from graphopt.graph_module import as_graphopt_module
 from graphopt.guards import relax_size_one_guards
 from graphopt.hf_capture import plan_capture
 from graphopt.inputs import ExampleInputs, flat_outputs
@@ -72,6 +73,7 @@ def trace(
     reference = _run_eagerly(model, hf.reference if hf else inputs)
     inputs = hf.inputs if hf else inputs
     gm, route = _capture(model, inputs, capture, tuple(leaf_modules), dynamic)
+    gm = as_graphopt_module(gm)  # .train()/.eval() and pickling work on the result (graph_module.py)
     gm = hf.install(gm) if hf else gm
     gm.meta["graphopt_capture"] = route
     outputs = propagate(gm, inputs)

@@ -6,10 +6,11 @@ softened outputs the student matches (knowledge distillation: KL divergence at a
 task loss), optional mixed precision (bf16 autocast on CPU, fp16 or bf16 on GPU), a progress line, and the
 loss history returned for the caller to check or plot.
 
-It trains graphopt's GraphModules as they are: a ``torch.export`` graph was captured in eval mode, so BatchNorm
-uses its running statistics and dropout is off while it trains (``.train()`` raises on such a module). Modules
-that can switch (ordinary ``nn.Module`` students, fake-quant graphs for QAT) train in train mode and are put back
-into the mode they were in.
+The module trains in train mode, as in eager training: on graphopt's graphs (GraphoptModule, see
+graph_module.py) BatchNorm normalizes with batch statistics and updates its running ones, dropout is active, and
+fake-quant quantizers use the straight-through estimator (QAT). Afterwards every submodule is put back into the
+mode it was in. A module whose graph fixes its mode (a raw ``torch.export`` module, whose ``.train()`` raises)
+trains as it was captured.
 
 The module lives in ``training.py``, not ``finetune.py``: ``graphopt.finetune`` is the function, and a submodule
 of the same name would be shadowed by it.
@@ -29,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from graphopt import distributed as ranks
 from graphopt.errors import GraphoptWarning, InputError
+from graphopt.graph_module import modes_kept
 from graphopt.progress import progress
 
 __all__ = ["finetune", "distillation_loss", "finetune_callback", "unfreeze", "data_parallel"]
@@ -81,10 +83,9 @@ def finetune(
     if teacher is not None:
         _set_mode(teacher, False)
     history: list[float] = []
-    was_training = module.training
-    _set_mode(module, True)
-    model = data_parallel(module, distributed)
-    try:
+    with modes_kept(module):  # afterwards every submodule is back in its own mode, whatever happened
+        _set_mode(module, True)
+        model = data_parallel(module, distributed)
         for epoch in range(epochs):
             total, count = 0.0, 0
             with _joined(model):
@@ -100,8 +101,6 @@ def finetune(
             history.append(total / max(count, 1))
         if model is not module:
             ranks.broadcast_buffers(module)
-    finally:
-        _set_mode(module, was_training)
     return history
 
 
@@ -226,8 +225,7 @@ def _device_of(module: nn.Module) -> torch.device:
 
 
 def _set_mode(module: nn.Module, training: bool) -> None:
-    """train()/eval(); a torch.export GraphModule raises on it (its graph fixes the mode) and trains as captured.
-    Other GraphModules switch (fake-quant's quantizers use the straight-through estimator in train mode)."""
+    """train()/eval(); a raw torch.export module raises on it (its graph fixes the mode) and trains as captured."""
     try:
         module.train(training)
     except (RuntimeError, NotImplementedError):

@@ -11,8 +11,9 @@ quantization, ...) take their data, model, training loop and metric from here in
 the digits 0-9. Everything here is seeded and runs on CPU; training ``DigitsCNN`` takes a few seconds on one thread.
 
 ``train`` and ``accuracy`` work on a plain ``nn.Module`` and on the ``fx.GraphModule`` graphopt returns. Such a
-GraphModule comes from ``torch.export`` and was captured in eval mode: ``.train()``/``.eval()`` raise on it, and
-training it as it is uses BatchNorm running statistics and no dropout, which is what a short fine-tune wants.
+GraphModule was captured in eval mode and ``train`` leaves it there (it could switch: ``.train()`` works on it, as
+``graphopt.finetune`` does): training it as it is uses BatchNorm running statistics and no dropout, which is what
+a short fine-tune wants.
 Those statistics are the ones of the unpruned model, so after channel pruning they no longer fit the shrunken
 layers and only the BN affine parameters can adapt: recovery takes ~20 epochs at lr 5e-3 rather than a handful.
 """
@@ -66,7 +67,7 @@ class DigitsCNN(nn.Module):
 
 
 def _set_mode(model: nn.Module, training: bool) -> None:
-    """Switch train/eval on ordinary modules; leave exported GraphModules (where it raises) as they are."""
+    """Switch train/eval on ordinary modules; leave graphopt's GraphModules in the eval mode they were captured in."""
     if not isinstance(model, fx.GraphModule):
         model.train(training)
 

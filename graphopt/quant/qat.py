@@ -1,10 +1,9 @@
 """Quantization-aware training of a fake-quantized graph, and the conversion back to an export-ready graph.
 
-``torch.export`` graphs refuse ``.train()`` (their class guards it) and bake BatchNorm's mode into each node. The
-fake-quant pass therefore returns a plain ``fx.GraphModule`` (``trainable``) whose BatchNorms, with ``qat=True``,
-are ``QatBatchNorm`` modules following ``.train()``/``.eval()``, conv+BN pairs in the simulated-fold form
-(fold_bn.py), and quantizers that use the straight-through estimator in training mode. So QAT is ordinary
-training::
+The fake-quant pass returns a GraphoptModule (``trainable``; its ``.train()``/``.eval()`` switch the graph's
+BatchNorm and dropout nodes, see graph_module.py) whose BatchNorms, with ``qat=True``, are ``QatBatchNorm`` modules
+following ``.train()``/``.eval()``, conv+BN pairs in the simulated-fold form (fold_bn.py), and quantizers that use
+the straight-through estimator in training mode. So QAT is ordinary training::
 
     gm = graphopt.optimize(model, "fake-quant:qat=true", x, calib_data=batches).module
     prepare_qat(gm, learnable_scales=True)      # optional: LSQ scales
@@ -18,17 +17,18 @@ import copy
 
 import torch.fx as fx
 
+from graphopt.graph_module import GraphoptModule
 from graphopt.quant.fold_bn import fold_simulated
 from graphopt.quant.quantizer import quantizers
 
 
 def trainable(gm: fx.GraphModule) -> fx.GraphModule:
-    """A plain ``fx.GraphModule`` running the same graph on the same submodules, whose ``.train()`` works."""
+    """A GraphoptModule running a copy of the graph on the same submodules, whose ``.train()`` works."""
     graph = fx.Graph()
     out = graph.graph_copy(gm.graph, {}, return_output_node=True)
     graph.output(out[0])
     graph._codegen = gm.graph._codegen  # same pytree input/output handling: called exactly like the model
-    new = fx.GraphModule(gm, graph, class_name="QuantizedGraphModule")
+    new = GraphoptModule(gm, graph, class_name="QuantizedGraphModule")
     for attr in ("_in_spec", "_out_spec"):
         if hasattr(gm, attr):
             setattr(new, attr, getattr(gm, attr))
