@@ -76,6 +76,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if not args.no_onnx:
         step("exporting ONNX and checking it with onnxruntime")
         onnx = _export(result.module, inputs, out / "model.onnx", args.opset)
+    if not saved:
+        _save_pretrained(result, model, out / HF_DIR)
     _write_reports(out, args, result, summary, onnx)
     print(result.report)
     print()
@@ -83,7 +85,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if onnx is not None:
         print()
         print(onnx)
-    print(f"\nwrote {', '.join(str(out / n) for n in _written(onnx))}")
+    print(f"\nwrote {', '.join(str(out / n) for n in _written(onnx, out))}")
     return 0
 
 
@@ -116,14 +118,34 @@ def _summary_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _written(onnx) -> list[str]:
-    return ["model.graphopt", *(["model.onnx"] if onnx is not None else []), "report.md", "report.json"]
+HF_DIR = "hf_model"
+
+
+def _save_pretrained(result, model, path: Path) -> None:
+    """A Hugging Face model also comes back as its own class: written with save_pretrained, loadable by
+    AutoModel*.from_pretrained without graphopt. Where it cannot be written back, say why and go on."""
+    from graphopt.errors import WritebackError
+    from graphopt.hf_config import is_hf_model
+
+    if not is_hf_model(model):
+        return
+    try:
+        result.to_model().save_pretrained(path)
+    except WritebackError as e:
+        step(f"no {HF_DIR}/ written: {e}")
+        return
+    step(f"wrote {path} (save_pretrained; reload with transformers' from_pretrained)")
+
+
+def _written(onnx, out: Path | None = None) -> list[str]:
+    hf = [HF_DIR] if out is not None and (out / HF_DIR).is_dir() else []
+    return ["model.graphopt", *(["model.onnx"] if onnx is not None else []), *hf, "report.md", "report.json"]
 
 
 def _write_reports(out: Path, args: argparse.Namespace, result, summary: dict, onnx) -> None:
     onnx_dict = None if onnx is None else {k: getattr(onnx, k) for k in onnx.__dataclass_fields__}
     data = {"model": args.model, "passes": args.passes, "summary": summary, "report": result.report.to_dict(),
-            "onnx": onnx_dict, "written": _written(onnx), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "onnx": onnx_dict, "written": _written(onnx, out), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (out / "report.json").write_text(json.dumps(data, indent=2, default=repr))
     md = [f"# graphopt report: {args.model}", "", f"passes: `{args.passes or '(none)'}`", "",
           _summary_table(summary), "", "```", str(result.report), "```"]

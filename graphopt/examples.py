@@ -45,3 +45,15 @@ def example_model(seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor]]:
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.normal_(0, 0.1)
     return model.eval(), (torch.randn(2, 3, 32, 32),)
+
+
+def tiny_llama(seed: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A 2-layer Llama (hidden 64, 4 query / 2 key-value heads, vocabulary 256) in its default Hugging Face config,
+    seeded random weights, and a batch of token ids with an attention mask. Needs ``transformers``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    ids = torch.randint(1, 256, (2, 12), generator=torch.Generator().manual_seed(seed))
+    return LlamaForCausalLM(config).eval(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

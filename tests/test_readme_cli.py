@@ -116,8 +116,13 @@ def check_outputs(words: tuple[str, ...], stdout: str, folder: Path) -> None:
     command = words[words.index("-m") + 2] if words[0] == "torchrun" else words[1]
     out = folder / words[words.index("--out") + 1] if "--out" in words else None
     if command == "optimize":
-        assert sorted(p.name for p in out.iterdir()) == OPTIMIZE_FILES
+        hf = any("tiny_llama" in w for w in words)  # a Hugging Face model also comes back as save_pretrained
+        assert sorted(p.name for p in out.iterdir()) == sorted(OPTIMIZE_FILES + (["hf_model"] if hf else []))
         assert "| parameters |" in stdout
+        if hf:
+            from transformers import AutoModelForCausalLM
+            reloaded = AutoModelForCausalLM.from_pretrained(out / "hf_model")
+            assert reloaded.config.hidden_size < 64
     elif command == "inspect":
         assert "channel groups:" in stdout and "removable blocks:" in stdout and "layers:" in stdout
     elif command == "passes":
