@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -58,6 +59,7 @@ def optimize(
     capture: Capture = "auto",
     leaf_modules: Sequence[type] = (),
     dynamic: bool = True,
+    graph: fx.GraphModule | None = None,
 ) -> OptimizeResult:
     """Trace ``model`` on ``example_inputs`` and run ``passes`` in order; the caller's model is never changed.
 
@@ -65,11 +67,15 @@ def optimize(
     string). ``calib_data`` is an iterable of input batches for data-driven passes. With ``verify`` the manager
     checks the graph after every pass (see PassManager).
 
+    ``graph``: a capture of this model on these inputs made earlier with ``graphopt.trace`` (a copy of it is
+    used, so several pipelines can share one capture, the slow step on large models).
+
     Inside a ``torch.distributed`` job every rank calls this with the same model and its own ``calib_data``:
     statistics are combined over all ranks and every rank gets the same plan (see graphopt.distributed).
     """
     manager = PassManager(parse_pipeline(passes) if isinstance(passes, str) else passes, verify=verify)
-    gm = trace(model, example_inputs, capture=capture, leaf_modules=leaf_modules, dynamic=dynamic)
+    gm = copy.deepcopy(graph) if graph is not None else \
+        trace(model, example_inputs, capture=capture, leaf_modules=leaf_modules, dynamic=dynamic)
     distributed.check_same_weights(gm)
     snap = snapshot(gm, model)
     ctx = Context(example_inputs, calib_data=calib_data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 
@@ -24,11 +25,19 @@ PASSES = {
 NO_BLOCKS = {"mlp"}  # remove-layers finds nothing to remove in these (no residual and no plain layer)
 
 
-def _optimize(name: str, passes: str):
+@functools.lru_cache(maxsize=None)
+def _captured(name: str):
+    """One capture per zoo model and test process, shared by the pipelines tested on it (capture is the slow part)."""
     case = build(name)
+    inputs = case.example_inputs
+    return case, graphopt.trace(case.model, inputs)
+
+
+def _optimize(name: str, passes: str):
+    case, graph = _captured(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = graphopt.optimize(case.model, passes, case.example_inputs)
+        res = graphopt.optimize(case.model, passes, case.example_inputs, graph=graph)
     return case, res
 
 
