@@ -110,3 +110,13 @@ def test_a_config_that_cannot_describe_the_result_warns():
     with pytest.warns(graphopt.GraphoptWarning, match="from_pretrained cannot rebuild this model"):
         pruned = res.to_model()
     torch.testing.assert_close(pruned(**inputs).logits, res.module(**inputs).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_layers_of_different_widths_still_write_back_and_warn_about_the_config():
+    model, inputs, _ = _build("llama")
+    res = graphopt.optimize(model, "prune-channels:ratio=0.5,ratios=[[model.layers.0.mlp.*,0.25]]", inputs)
+    with pytest.warns(graphopt.GraphoptWarning, match="different widths after pruning"):
+        pruned = res.to_model()
+    widths = [layer.mlp.up_proj.out_features for layer in pruned.model.layers]
+    assert widths[0] != widths[1]
+    torch.testing.assert_close(pruned(**inputs).logits, res.module(**inputs).logits, rtol=1e-4, atol=1e-4)

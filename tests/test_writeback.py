@@ -77,8 +77,12 @@ def test_written_back_model_is_the_same_class_and_matches_the_graph(name, kind):
         assert torch.equal(v, state[k]), k
 
 
-@pytest.mark.parametrize("kind", ["prune", "remove", "low-rank", "fuse", "sparse"])
-@pytest.mark.parametrize("name", ["resnet_basic", "mobilenetv2", "vit", "hf_llama", "mlp"])
+TRAINED = [(name, "prune") for name in NAMES] + [
+    (name, kind) for kind in ("remove", "low-rank", "fuse", "sparse")
+    for name in ("resnet_basic", "mobilenetv2", "vit", "hf_llama", "mlp")]
+
+
+@pytest.mark.parametrize("name,kind", TRAINED)
 def test_written_back_model_trains_in_a_plain_loop(name, kind):
     if kind == "remove" and name in NO_BLOCKS:
         pytest.skip("no removable block")
