@@ -76,6 +76,7 @@ def trace(
     gm = as_graphopt_module(gm)  # .train()/.eval() and pickling work on the result (graph_module.py)
     gm = hf.install(gm) if hf else gm
     gm.meta["graphopt_capture"] = route
+    gm.meta["graphopt_hf_model"] = hf is not None  # passes that keep HF configs describable read it
     outputs = propagate(gm, inputs)
     _check_reproduces(model, reference, outputs, route)
     return gm

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Callable, ClassVar
@@ -47,6 +48,7 @@ class PruneChannels(Pass):
     seed: int = 0
     finetune: Callable | None = None  # finetune(gm, step) between steps
     loss_fn: Callable | None = None  # for importance='taylor': loss_fn(output, batch) -> scalar
+    uniform: bool | None = None  # repeated layers keep equal widths under global ranking; None: on for HF models
 
     def __post_init__(self):
         _check_ratio("ratio", self.ratio)
@@ -87,6 +89,9 @@ class PruneChannels(Pass):
                               loss_fn=self.loss_fn)
         counts = self._global_counts(groups, scores, ratio) if self.global_ranking else \
             {g.index: self._count(g, self._ratio_of(g, ratio)) for g in groups}
+        uniform = self.uniform if self.uniform is not None else bool(gm.meta.get("graphopt_hf_model"))
+        if uniform and self.global_ranking:
+            counts = self._uniform_counts(groups, counts)
         plan = {}
         for g in groups:
             k = counts.get(g.index, 0)
@@ -133,6 +138,27 @@ class PruneChannels(Pass):
                 counts[index] += 1
         by_index = {g.index: g for g in groups}
         return {i: self._count(by_index[i], c / by_index[i].size) if c else 0 for i, c in counts.items()}
+
+
+    def _uniform_counts(self, groups: list[ChannelGroup], counts: dict[int, int]) -> dict[int, int]:
+        """Groups of one role in repeated layers (the same parameter names but for the layer index, the same size:
+        every layer's MLP channels, every layer's heads) remove the role's mean count each, as Minitron ranks a
+        role across layers and keeps one width, so a Hugging Face config can still describe the model."""
+        roles: dict[tuple, list[ChannelGroup]] = {}
+        for g in groups:
+            roles.setdefault((_role(g), g.size), []).append(g)
+        out = dict(counts)
+        for members in roles.values():
+            if len(members) > 1:
+                mean = sum(counts.get(g.index, 0) for g in members) / len(members)
+                for g in members:
+                    out[g.index] = self._count(g, (round(mean) + 1e-6) / g.size)
+        return out
+
+
+def _role(group: ChannelGroup) -> tuple[str, ...]:
+    """A group's parameter names with layer indices wildcarded: ``model.layers.#.mlp.up_proj.weight``."""
+    return tuple(sorted({re.sub(r"\.\d+\.", ".#.", p) for p in group.params()}))
 
 
 def _record_shapes(gm: fx.GraphModule, ctx: Context) -> None:

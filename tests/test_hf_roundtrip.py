@@ -120,3 +120,19 @@ def test_layers_of_different_widths_still_write_back_and_warn_about_the_config()
     widths = [layer.mlp.up_proj.out_features for layer in pruned.model.layers]
     assert widths[0] != widths[1]
     torch.testing.assert_close(pruned(**inputs).logits, res.module(**inputs).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_global_ranking_keeps_repeated_layers_uniform_on_hf_models():
+    model, inputs, _extra, graph = _captured("llama")
+
+    def mlp_widths(passes: str) -> list[int]:
+        res = graphopt.optimize(model, passes, inputs, graph=graph)
+        return res, [p.shape[0] for n, p in res.module.named_parameters() if n.endswith("up_proj.weight")]
+
+    res, widths = mlp_widths("prune-channels:ratio=0.5,global_ranking=true")
+    assert len(set(widths)) == 1 and widths[0] < 128
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", graphopt.GraphoptWarning)  # the config describes it: no warning
+        assert res.to_model().config.intermediate_size == widths[0]
+    _, free = mlp_widths("prune-channels:ratio=0.5,global_ranking=true,uniform=false")
+    assert sum(free) == pytest.approx(sum(widths), abs=len(widths))  # the same budget, spent per layer
