@@ -26,7 +26,8 @@ from graphopt.report import _human
 from graphopt.training import unfreeze
 
 FULL = dict(train=10, sweep=(0.25, 0.5, 0.75), sweep_ft=4, ft_prune=10, ft_block=4, qat=2, calib=8)
-QUICK = dict(train=3, sweep=(0.5,), sweep_ft=1, ft_prune=2, ft_block=1, qat=1, calib=2)
+QUICK = dict(train=3, sweep=(0.5,), sweep_ft=1, ft_prune=5, ft_block=2, qat=1, calib=2)  # 2 epochs left the
+# pruned net at 25% with fresh dependency versions, where int8 torch and onnxruntime disagree on many borderline digits
 
 
 @dataclass
