@@ -64,6 +64,20 @@ class GraphoptModule(fx.GraphModule):
         sync_graph_mode(self)
         return self
 
+    def recompile(self):
+        """Regenerate the forward, on this instance's own GraphModule class even when a wrapper subclassed it."""
+        cls = type(self)
+        own = next((c for c in cls.__mro__ if "_wrapped_call" in vars(c)), None)
+        if own is None or own is cls:
+            return super().recompile()
+        # FSDP2's fully_shard swaps in a subclass of that class; recompiling on it would install a second call
+        # wrapper that finds itself through the instance (infinite recursion on the next call)
+        self.__class__ = own
+        try:
+            return super().recompile()
+        finally:
+            self.__class__ = cls
+
     def __reduce__(self):
         # fx.GraphModule's own __reduce__ re-traces the generated code on load, which pytree codegen, the export
         # guard module and HF output types do not survive: store the graph as data instead (graph_pickle.py)

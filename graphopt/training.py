@@ -99,7 +99,7 @@ def finetune(
             if model is not module:
                 total, count = ranks.sum_numbers([total, count])
             history.append(total / max(count, 1))
-        if model is not module:
+        if model is not module or (ranks.active() and _is_fsdp(module)):  # BatchNorm statistics: rank 0's
             ranks.broadcast_buffers(module)
     return history
 
