@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from graphopt.diagnose import module_stack, short_reason
 from graphopt.errors import GraphoptWarning, WritebackError
+from graphopt.graph_utils import owner_and_leaf, resolve
 from graphopt.inputs import ExampleInputs
 from graphopt.writeback_sizes import SizeChanges, update_sizes
 from graphopt.writeback_structure import apply_structure, delete_removed, graph_tensors, model_name
@@ -96,10 +97,11 @@ def _assign_tensors(model: nn.Module, gm: fx.GraphModule, snap: Snapshot, rename
     for names in snap.tied:
         source = next((n for n in names if n in targets), None)
         if source is not None:
-            shared = _get(model, source)
+            shared = resolve(model, source)
             for other in names:
                 if other != source and _has(model, other):
-                    _owner(model, other)[0]._parameters[other.rpartition(".")[2]] = shared
+                    owner, leaf = owner_and_leaf(model, other)
+                    owner._parameters[leaf] = shared
 
 
 def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -134,14 +136,9 @@ def _owner(model: nn.Module, name: str, create: bool = False) -> tuple[nn.Module
     return module, leaf
 
 
-def _get(model: nn.Module, name: str) -> Any:
-    owner, leaf = _owner(model, name)
-    return getattr(owner, leaf)
-
-
 def _has(model: nn.Module, name: str) -> bool:
     try:
-        _get(model, name)
+        resolve(model, name)
         return True
     except AttributeError:
         return False
