@@ -22,6 +22,7 @@ import torch.fx as fx
 from graphopt.errors import PipelineError
 from graphopt.pipeline import Context, Pass, PassResult
 from graphopt.quant import calibrate, fold_bn, placement, regions, sensitivity
+from graphopt.quant.cpu_int8 import resolve_reduce_range
 from graphopt.quant.insert import Scheme, check_dtypes, insert_quantizers
 from graphopt.quant.observers import OBSERVERS
 from graphopt.quant.qat import trainable
@@ -49,6 +50,7 @@ class FakeQuant(Pass):
     half: tuple = ()  # layer name patterns run in half_dtype instead of int8
     half_dtype: str = "bfloat16"
     sensitivity_batches: int = 4
+    reduce_range: bool | str = "auto"  # 7-bit weights; auto: where this CPU's int8 kernels saturate (cpu_int8.py)
 
     def __post_init__(self):
         if self.activation_dtype not in ("uint8", "int8"):
@@ -60,6 +62,10 @@ class FakeQuant(Pass):
             if getattr(self, opt) not in regions.HALF_DTYPES:
                 raise PipelineError(f"fake-quant: {opt} must be one of {', '.join(regions.HALF_DTYPES)}, "
                                     f"got '{getattr(self, opt)}'")
+        try:
+            resolve_reduce_range(self.reduce_range)
+        except ValueError as e:
+            raise PipelineError(f"fake-quant: {e}") from None
         if not 50 < self.percentile <= 100 or self.keep_float < 0:
             raise PipelineError("fake-quant: percentile must be in (50, 100] and keep_float >= 0")
         if isinstance(self.skip, str) or isinstance(self.half, str):
@@ -69,7 +75,8 @@ class FakeQuant(Pass):
     def scheme(self) -> Scheme:
         """The weight and activation specs these options describe."""
         act = QuantSpec(self.activation_dtype, self.activation_symmetric, None, self.observer, self.percentile)
-        weight = QuantSpec("int8", True, 0, self.weight_observer, self.percentile)
+        weight = QuantSpec("int8", True, 0, self.weight_observer, self.percentile,
+                           reduce_range=resolve_reduce_range(self.reduce_range))
         return Scheme(weight, act, self.per_channel)
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
@@ -90,7 +97,8 @@ class FakeQuant(Pass):
         calibrate.calibrate(gm, batches)
         stats = {"quantized_layers": len(owners), "weight_quantizers": sum(site.weight is not None for site in plan.sites),
                  "calib_batches": len(batches), "bn_folded": len(folded), "bn_simulated": len(simulated),
-                 "qat_batch_norms": trainable_bns, "skipped": plan.skipped, "kept_float_ops": plan.kept_float}
+                 "qat_batch_norms": trainable_bns, "weight_bits": 7 if self.scheme().weight.reduce_range else 8,
+                 "skipped": plan.skipped, "kept_float_ops": plan.kept_float}
         stats.update(self._mixed_precision(gm, plan, owners, batches))
         stats["activation_quantizers"] = sum(q.role == "activation" for q in quantizers(gm).values())
         gm.graph.lint()

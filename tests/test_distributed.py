@@ -129,8 +129,16 @@ def test_ddp_fine_tuning_keeps_parameters_equal_with_uneven_batches(ranks):
 
 def test_a_ddp_step_equals_one_process_stepping_on_both_ranks_batches(ranks):
     assert identical(ranks[0]["ddp_step"], ranks[1]["ddp_step"])
+    # finetune steps with Adam, whose first update is lr * g / (|g| + eps): on a parameter whose gradient is at the
+    # rounding level (a dead ReLU channel's bias), DDP's all-reduced mean and the big batch's mean differ in their
+    # last bits and the step follows them. So the tolerance is 1% of the step (lr=1e-2), not float32 epsilon, and
+    # nearly every element still has to agree to float precision.
+    close = total = 0
     for name, value in ranks[0]["single_step"].items():
-        torch.testing.assert_close(ranks[0]["ddp_step"][name], value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ranks[0]["ddp_step"][name], value, rtol=1e-5, atol=1e-4)
+        close += torch.isclose(ranks[0]["ddp_step"][name], value, rtol=1e-5, atol=1e-6).sum().item()
+        total += value.numel()
+    assert close >= 0.99 * total
 
 
 def test_ddp_fine_tuning_of_a_layer_removed_model_keeps_ranks_equal(ranks):

@@ -7,6 +7,7 @@ from the layer (``quant.layer1_0_conv1__weight``), so reports and the sensitivit
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -106,7 +107,7 @@ def _output_to_quantize(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
 
 def _quantize_weight(gm: fx.GraphModule, site: Site, scheme: Scheme) -> str:
     axis = site.rule.weight_axis if scheme.per_channel else None
-    spec = QuantSpec("int8", True, axis, scheme.weight.observer, scheme.weight.percentile)
+    spec = dataclasses.replace(scheme.weight, axis=axis)
     target = _add_quantizer(gm, f"{site.layer}__weight", FakeQuantize(spec, "weight", site.layer))
     with gm.graph.inserting_before(site.node):
         q = gm.graph.call_module(target, (site.weight,))

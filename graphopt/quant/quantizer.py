@@ -28,21 +28,25 @@ _RANGES = {"int8": (-128, 127, torch.int8), "uint8": (0, 255, torch.uint8)}
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How one tensor is quantized: integer type, symmetric or not, per-channel axis (None: per tensor), observer."""
+    """How one tensor is quantized: integer type, symmetric or not, per-channel axis (None: per tensor), observer;
+    ``reduce_range``: 7 bits of the 8 (weights in [-64, 63], see cpu_int8.py for why)."""
 
     dtype: str = "uint8"
     symmetric: bool = False
     axis: int | None = None
     observer: str = "minmax"
     percentile: float = 99.99
+    reduce_range: bool = False
 
     @property
     def qmin(self) -> int:
-        return _RANGES[self.dtype][0]
+        low = _RANGES[self.dtype][0]
+        return low // 2 if self.reduce_range else low
 
     @property
     def qmax(self) -> int:
-        return _RANGES[self.dtype][1]
+        high = _RANGES[self.dtype][1]
+        return high // 2 if self.reduce_range else high
 
     @property
     def torch_dtype(self) -> torch.dtype:
