@@ -5,6 +5,7 @@ from graphopt.errors import (
     GraphoptError, GraphoptWarning, InputError, PassError, PipelineError, TraceError, VerifyError,
 )
 from graphopt.export import ExportError, ExportReport, export_onnx
+from graphopt.instruments import Instrument
 from graphopt.lower import lower
 from graphopt.metrics import count_macs, count_params, measure_latency, model_bytes, paired_latency
 from graphopt.pipeline import Context, Pass, PassManager, PassResult
@@ -17,7 +18,7 @@ from graphopt.trace import trace
 import graphopt.passes  # noqa: E402,F401  (registers the built-in passes)
 
 __all__ = [
-    "Context", "ExportError", "ExportReport", "GraphoptError", "GraphoptWarning", "InputError", "OptimizeResult", "Pass", "PassError", "PassManager", "PassRecord",
+    "Context", "ExportError", "ExportReport", "GraphoptError", "GraphoptWarning", "InputError", "Instrument", "OptimizeResult", "Pass", "PassError", "PassManager", "PassRecord",
     "PassResult", "PipelineError", "Report", "TraceError", "VerifyError", "count_macs", "count_params",
     "export_onnx",
     "LoadError", "SaveError", "finetune", "load", "save",

@@ -10,6 +10,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from graphopt import distributed
+from graphopt.instruments import Instrument
 from graphopt.pipeline import Context, Pass, PassManager
 from graphopt.registry import parse_pipeline
 from graphopt.report import Report
@@ -60,6 +61,8 @@ def optimize(
     leaf_modules: Sequence[type] = (),
     dynamic: bool = True,
     graph: fx.GraphModule | None = None,
+    instruments: Sequence[Instrument] = (),
+    dump_ir: str | None = None,
 ) -> OptimizeResult:
     """Trace ``model`` on ``example_inputs`` and run ``passes`` in order; the caller's model is never changed.
 
@@ -70,10 +73,14 @@ def optimize(
     ``graph``: a capture of this model on these inputs made earlier with ``graphopt.trace`` (a copy of it is
     used, so several pipelines can share one capture, the slow step on large models).
 
+    ``instruments``: your own ``graphopt.Instrument`` hooks around every pass (graphopt/instruments.py);
+    ``dump_ir``: a folder that gets the graph's code before the pipeline and after every pass.
+
     Inside a ``torch.distributed`` job every rank calls this with the same model and its own ``calib_data``:
     statistics are combined over all ranks and every rank gets the same plan (see graphopt.distributed).
     """
-    manager = PassManager(parse_pipeline(passes) if isinstance(passes, str) else passes, verify=verify)
+    manager = PassManager(parse_pipeline(passes) if isinstance(passes, str) else passes, verify=verify,
+                          instruments=instruments, dump_ir=dump_ir)
     gm = copy.deepcopy(graph) if graph is not None else \
         trace(model, example_inputs, capture=capture, leaf_modules=leaf_modules, dynamic=dynamic)
     distributed.check_same_weights(gm)

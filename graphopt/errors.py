@@ -54,3 +54,11 @@ class GraphoptWarning(UserWarning):
 
 class WritebackError(GraphoptError):
     """``to_model()`` cannot rebuild the user's own model class so that it computes what the optimized graph does."""
+
+
+class SaveError(GraphoptError):
+    """The model holds something graphopt cannot save without pickling code (an op off the allowlist, ...)."""
+
+
+class LoadError(GraphoptError):
+    """A saved file is corrupt, from another graphopt format, or does not match the model given to load."""

@@ -26,16 +26,8 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 
-from graphopt.errors import GraphoptError
+from graphopt.errors import GraphoptError, LoadError, SaveError  # noqa: F401  (the errors are re-exported here)
 from graphopt.lower import DIRECT
-
-
-class SaveError(GraphoptError):
-    """The model holds something graphopt cannot save without pickling code (an op off the allowlist, ...)."""
-
-
-class LoadError(GraphoptError):
-    """A saved file is corrupt, from another graphopt format, or does not match the model given to load."""
 
 
 # direct torch binding -> its ATen overload (undoes graphopt.lower); bindings shared by two overloads are left out

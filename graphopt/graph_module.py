@@ -83,7 +83,7 @@ class GraphoptModule(fx.GraphModule):
         # guard module and HF output types do not survive: store the graph as data instead (graph_pickle.py)
         from graphopt.graph_pickle import rebuild, state_of
 
-        return rebuild, (state_of(self),)
+        return rebuild, (state_of(self, GraphoptModule),)
 
     def __copy__(self) -> GraphoptModule:
         # fx's __copy__ builds a plain GraphModule, which would lose train()/eval()

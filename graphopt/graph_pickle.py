@@ -6,8 +6,8 @@ Here the graph is stored as data: one record per node (op, target, arguments wit
 marker and listed by name, shape metadata), the pytree input/output specs, and the module's own containers
 (parameters, buffers, submodules, plain attributes) pickled as they are.
 
-A pickle written here names one graphopt function, ``graphopt.graph_pickle.rebuild`` (kept stable, with a format
-number in the state), besides torch objects and what the graph itself calls or holds: submodule classes (the
+A pickle written here names two graphopt objects, ``graphopt.graph_pickle.rebuild`` and the GraphoptModule
+class (both kept stable, with a format number in the state), besides torch objects and what the graph itself calls or holds: submodule classes (the
 model's opaque leaves, fake-quant modules), module-level functions, the model's output types. ATen and custom
 operators are stored by name (``aten.conv2d.default``) and looked up on load. torch.export's ``_guards_fn``
 (input-shape checks compiled from sympy, a closure) is not stored, as in graphopt.save.
@@ -29,6 +29,7 @@ from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.fx.immutable_collections import immutable_list
 from torch.fx.passes.shape_prop import TensorMetadata
 
+from graphopt.errors import LoadError, SaveError
 from graphopt.inputs import ExampleInputs
 
 FORMAT = 1
@@ -39,15 +40,16 @@ _NODE, _FORMAT = fx.Node, torch.memory_format
 _NOT_STATE = ("_graph", "_in_spec", "_out_spec", "training", "meta")
 
 
-def state_of(gm: fx.GraphModule) -> dict:
-    """Everything ``rebuild`` needs, as picklable data; SaveError naming the part that cannot be pickled."""
+def state_of(gm: fx.GraphModule, cls: type[fx.GraphModule]) -> dict:
+    """Everything ``rebuild`` needs to make a ``cls`` (GraphoptModule, which passes itself: this module does not
+    import it), as picklable data; SaveError naming the part that cannot be pickled."""
     nodes = [_encode_node(n) for n in gm.graph.nodes if not (n.op == "call_module" and n.target == _GUARD)]
     state = {
-        "format": FORMAT, "class_name": type(gm).__name__, "training": gm.training,
+        "format": FORMAT, "class": cls, "class_name": type(gm).__name__, "training": gm.training,
         "modules": {k: m for k, m in gm._modules.items() if k != _GUARD},
         "parameters": dict(gm._parameters), "buffers": dict(gm._buffers),
         "non_persistent": sorted(gm._non_persistent_buffers_set),
-        "attrs": {k: v for k, v in gm.__dict__.items() if k not in _base_keys() and k not in _NOT_STATE},
+        "attrs": {k: v for k, v in gm.__dict__.items() if k not in _base_keys(cls) and k not in _NOT_STATE},
         "graph": {"nodes": nodes, "codegen": _encode_codegen(gm.graph)},
         "meta": _encode_meta(gm.meta),
     }
@@ -57,14 +59,11 @@ def state_of(gm: fx.GraphModule) -> dict:
 
 def rebuild(state: dict) -> fx.GraphModule:
     """The GraphoptModule ``state_of`` described (the function pickles call on load: its name stays stable)."""
-    from graphopt.graph_json import LoadError
-    from graphopt.graph_module import GraphoptModule
-
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise LoadError(f"a pickled graphopt module of format {found!r}, not {FORMAT}: it was written by another "
                         "graphopt version; load it with that version and keep it with graphopt.save instead")
-    gm = GraphoptModule({}, fx.Graph(), class_name=state["class_name"])
+    gm = state["class"]({}, fx.Graph(), class_name=state["class_name"])
     gm._modules.update(state["modules"])
     gm._parameters.update(state["parameters"])
     gm._buffers.update(state["buffers"])
@@ -77,17 +76,13 @@ def rebuild(state: dict) -> fx.GraphModule:
 
 
 @functools.cache
-def _base_keys() -> frozenset[str]:
-    """Attributes every GraphoptModule has (containers, hooks, generated code): not stored as extra attributes."""
-    from graphopt.graph_module import GraphoptModule
-
-    return frozenset(GraphoptModule({}, fx.Graph()).__dict__)
+def _base_keys(cls: type[fx.GraphModule]) -> frozenset[str]:
+    """Attributes every ``cls`` has (containers, hooks, generated code): not stored as extra attributes."""
+    return frozenset(cls({}, fx.Graph()).__dict__)
 
 
 def _check_picklable(state: dict) -> None:
     """Pickle everything but tensor data now, so a failure names the module, not a pickle frame deep inside."""
-    from graphopt.graph_json import SaveError
-
     class Probe(pickle.Pickler):
         def persistent_id(self, obj):
             return id(obj) if isinstance(obj, torch.Tensor) else None
@@ -168,8 +163,6 @@ def _decode_target(encoded: tuple) -> Any:
             return functools.reduce(getattr, value.split("."), torch.ops)
         except (AttributeError, RuntimeError) as e:
             if attempt:
-                from graphopt.graph_json import LoadError
-
                 raise LoadError(f"the pickled graph calls torch.ops.{value}, which is not registered in this torch; "
                                 "import the library that defines it before loading") from e
             import graphopt.kernels  # noqa: F401  (registers graphopt's own custom ops)
@@ -195,8 +188,6 @@ def _decode_graph(data: dict) -> fx.Graph:
 def _memory_format(name: str | None) -> torch.memory_format | None:
     value = getattr(torch, name, None) if name else None
     if name and not isinstance(value, torch.memory_format):
-        from graphopt.graph_json import LoadError
-
         raise LoadError(f"the pickled graph names an unknown memory format '{name}'")
     return value
 

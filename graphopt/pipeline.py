@@ -1,195 +1,107 @@
-"""Passes and the manager that runs them in order, verifying the graph after each one.
+"""The manager that runs passes in order, with instruments around each one (graphopt/instruments.py).
 
 The list order IS the schedule: declared ``after``/``before`` constraints are checked before anything runs and a
-violation is an error, never a silent re-sort. After every pass the manager lints, recompiles, re-runs the graph
-on the example inputs (shapes into ``node.meta``, MACs counted on the same run; on FakeTensors, so no arithmetic,
-unless numbers are needed) and, for passes that promise to preserve semantics, compares real outputs with the
-graph before the pass.
+violation is an error, never a silent re-sort. For every pass the manager computes the analyses it ``requires``,
+runs it (refusing nested pass calls, see pass_base.py), keeps the analyses it ``preserves`` and drops the others,
+lints and recompiles the graph, runs it once on the example inputs if an instrument asks (FakeTensors unless
+numbers are needed: shapes into ``node.meta``, MACs counted on the same run) and hands that run to the
+instruments: timing, metrics, verification, IR dumps, the user's own.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Sequence
+from typing import Sequence
 
-import torch
 import torch.fx as fx
 
 from graphopt.errors import GraphoptError, PassError, PipelineError, VerifyError
-from graphopt.inputs import ExampleInputs
-from graphopt.metrics import count_params, counting_macs
+from graphopt.instruments import DumpIR, GraphRun, Instrument, Metrics, Timing, Verify
+from graphopt.metrics import counting_macs
+from graphopt.pass_base import Context, Pass, PassResult, running_pass
+from graphopt.registry import resolve_pass
 from graphopt.report import PassRecord, Report
 from graphopt.shapes import GraphRunError, is_fake, propagate
 
-
-@dataclass(frozen=True)
-class PassResult:
-    """What a pass returns: the (possibly new) graph, whether it changed anything, and pass-specific stats."""
-
-    gm: fx.GraphModule
-    modified: bool
-    stats: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Pass:
-    """Base of every pass: a frozen dataclass whose fields are its options.
-
-    Class-level declarations: ``name`` (registry key), ``requires`` (analyses it reads), ``preserves`` (analyses
-    it keeps valid), ``after``/``before`` (names of passes it must follow/precede when both are scheduled),
-    ``preserves_semantics`` (the manager then checks that outputs do not change).
-    """
-
-    name: ClassVar[str] = ""
-    requires: ClassVar[tuple[type, ...]] = ()
-    preserves: ClassVar[tuple[type, ...]] = ()
-    after: ClassVar[tuple[str, ...]] = ()
-    before: ClassVar[tuple[str, ...]] = ()
-    preserves_semantics: ClassVar[bool] = False
-
-    def run(self, gm: fx.GraphModule, ctx: "Context") -> PassResult:
-        """Transform ``gm`` (in place or into a new GraphModule) and say what changed."""
-        raise NotImplementedError(f"pass {type(self).__name__} does not implement run(gm, ctx)")
-
-
-class Context:
-    """Per-run state shared by passes: example inputs, calibration data, and a cache of analyses."""
-
-    def __init__(self, example_inputs: Any, *, calib_data: Iterable | None = None):
-        self.inputs = ExampleInputs.of(example_inputs)
-        self.calib_data = calib_data
-        self.gm: fx.GraphModule | None = None
-        self._analyses: dict[type, Any] = {}
-
-    def analysis(self, kind: type) -> Any:
-        """The analysis ``kind(gm, ctx)`` of the current graph, computed once and cached until a pass changes it."""
-        if self.gm is None:
-            raise PipelineError("ctx.analysis() is only available while a pass runs under a PassManager")
-        if kind not in self._analyses:
-            self._analyses[kind] = kind(self.gm, self)
-        return self._analyses[kind]
-
-    def invalidate(self, keep: Sequence[type] = ()) -> None:
-        """Drop cached analyses except those in ``keep``."""
-        self._analyses = {k: v for k, v in self._analyses.items() if k in keep}
-
-
-_TOLERANCE = {  # (rtol, atol as a fraction of the output's magnitude)
-    torch.float64: (1e-7, 1e-7),
-    torch.float32: (1e-4, 1e-4),
-    torch.bfloat16: (2e-2, 2e-2),
-    torch.float16: (1e-2, 1e-2),
-}
+__all__ = ["Context", "Pass", "PassManager", "PassResult", "check_order"]
 
 
 class PassManager:
-    """Runs passes in the given order, verifying after each one; ``run`` returns the graph and a Report."""
+    """Runs passes in the given order with instruments around each; ``run`` returns the graph and a Report.
 
-    def __init__(self, passes: Sequence[Pass | str], *, verify: bool = True, tolerance: dict | None = None):
-        from graphopt.registry import resolve_pass
+    ``verify=False`` drops the Verify instrument (and with it the graph runs, so MACs are not counted);
+    ``instruments`` are added after the built-in ones (Timing, Metrics, Verify); ``dump_ir`` adds DumpIR(folder).
+    """
 
+    def __init__(self, passes: Sequence[Pass | str], *, verify: bool = True, tolerance: dict | None = None,
+                 instruments: Sequence[Instrument] = (), dump_ir: str | None = None):
         self.passes = [resolve_pass(p) for p in passes]
         self.verify = verify
-        self.tolerance = {**_TOLERANCE, **(tolerance or {})}
+        builtin: list[Instrument] = [Timing(), Metrics()] + ([Verify(tolerance)] if verify else [])
+        self.instruments = builtin + list(instruments) + ([DumpIR(dump_ir)] if dump_ir else [])
         check_order(self.passes)
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> tuple[fx.GraphModule, Report]:
         """Apply every pass to ``gm`` in order; raise PassError/VerifyError naming the pass that failed."""
         report = Report(capture=gm.meta.get("graphopt_capture", "unknown"))
-        outputs, macs = self._measure(gm, ctx, "<input graph>", fake=True) if self.verify else (None, None)
+        last = self._graph_run(gm, ctx, "<input graph>", "fake") if self._any_run() else None
+        for inst in self.instruments:
+            inst.before_pipeline(gm, ctx, last)
         for p in self.passes:
-            if self.verify and p.preserves_semantics and is_fake(outputs):  # numbers to compare against
-                outputs, macs = self._measure(gm, ctx, f"<input of {p.name}>", fake=False)
-            record, gm, outputs, macs = self._run_one(p, gm, ctx, outputs, macs)
+            if last is not None and last.fake and any(i.needs_numbers_before(p) for i in self.instruments):
+                last = self._graph_run(gm, ctx, f"<input of {p.name}>", "real")
+            record, gm, last = self._run_one(p, gm, ctx, last)
             report.records.append(record)
         return gm, report
 
-    def _run_one(self, p: Pass, gm, ctx: Context, outputs, macs):
-        params, code = count_params(gm), gm.code
+    def _any_run(self) -> bool:
+        return any(type(i).run_after is not Instrument.run_after for i in self.instruments)
+
+    def _run_one(self, p: Pass, gm: fx.GraphModule, ctx: Context, before: GraphRun | None):
+        for kind in p.requires:  # provided before the pass (and before its clock starts)
+            ctx.analysis(kind, gm)
+        for inst in self.instruments:
+            inst.before_pass(p, gm, ctx)
         ctx.gm = gm
-        start = time.perf_counter()
         try:
-            result = p.run(gm, ctx)
+            with running_pass(p):
+                result = p.run(gm, ctx)
         except GraphoptError:
             raise
         except Exception as e:
             raise PassError(f"pass '{p.name}' failed: {type(e).__name__}: {e}") from e
         finally:
             ctx.gm = None
-        seconds = time.perf_counter() - start
         if not isinstance(result, PassResult):
             raise PassError(f"pass '{p.name}' returned {type(result).__name__}; return PassResult(gm, modified, stats)")
-        new = result.gm
-        if result.modified:
-            ctx.invalidate(keep=p.preserves)
-        new_outputs, new_macs, diff = outputs, macs, None
-        if self.verify:
-            new_outputs, new_macs, diff = self._verify(p, new, ctx, outputs, result.modified, code)
-        record = PassRecord(p.name, seconds, result.modified, params, count_params(new), macs, new_macs,
-                            dict(result.stats), diff)
-        return record, new, new_outputs, new_macs
-
-    def _verify(self, p: Pass, gm, ctx, before, modified: bool, code_before: str):
+        ctx.carry_over(gm, result.gm, keep=p.preserves if result.modified else tuple(ctx._analyses))
         try:
-            gm.graph.lint()
+            result.gm.graph.lint()
         except Exception as e:
             raise VerifyError(f"pass '{p.name}' left an invalid graph: {e}") from e
-        gm.recompile()
-        if not modified and gm.code != code_before:
-            raise VerifyError(
-                f"pass '{p.name}' reported modified=False but changed the graph; "
-                "return PassResult(gm, modified=True, ...) whenever the graph changes"
-            )
-        compare = p.preserves_semantics and modified
-        outputs, macs = self._measure(gm, ctx, p.name, fake=not compare)
-        _check_same_shapes(p.name, before, outputs)
-        diff = self._compare(p.name, before, outputs) if compare else None
-        return outputs, macs, diff
+        result.gm.recompile()
+        modes = {i.run_after(p, result) for i in self.instruments} - {None}
+        after = self._graph_run(result.gm, ctx, p.name, "real" if "real" in modes else "fake") if modes else None
+        fields: dict = {}
+        for inst in self.instruments:
+            inst.after_pass(p, result, ctx, before, after, fields)
+        record = PassRecord(p.name, fields.get("seconds", 0.0), result.modified, fields.get("params_before", 0),
+                            fields.get("params_after", 0), fields.get("macs_before"), fields.get("macs_after"),
+                            dict(result.stats), fields.get("max_abs_error"))
+        return record, result.gm, after if after is not None else before
 
-    def _measure(self, gm, ctx: Context, pass_name: str, *, fake: bool):
-        """Run the graph (on FakeTensors unless numbers are needed): shapes into meta, MACs, outputs."""
+    def _graph_run(self, gm, ctx: Context, pass_name: str, mode: str) -> GraphRun:
+        """Run the graph (on FakeTensors unless ``mode`` is "real"): shapes into meta, MACs, outputs."""
+        fake = mode != "real"
         try:
             with counting_macs() as macs:
                 outputs = propagate(gm, ctx.inputs, fake=fake)
         except GraphRunError as e:
             if fake:  # opaque code (a leaf module using numpy, say) cannot run on FakeTensors: run it for real
-                return self._measure(gm, ctx, pass_name, fake=False)
+                return self._graph_run(gm, ctx, pass_name, "real")
             raise VerifyError(
                 f"pass '{pass_name}' produced a graph that fails on the example inputs: {e}"
             ) from e.__cause__
-        return outputs, macs()
-
-    def _compare(self, pass_name: str, before: list, after: list) -> float:
-        worst = 0.0
-        for i, (a, b) in enumerate(zip(before, after)):
-            if not a.is_floating_point():
-                if not torch.equal(a, b):
-                    raise VerifyError(f"pass '{pass_name}' changed integer output {i} it promised to preserve")
-                continue
-            rtol, atol = self.tolerance.get(a.dtype, _TOLERANCE[torch.float32])
-            scale = float(a.abs().max()) if a.numel() else 1.0
-            err = float((a - b).abs().max()) if a.numel() else 0.0
-            worst = max(worst, err)
-            if not torch.allclose(b, a, rtol=rtol, atol=atol * max(scale, 1.0), equal_nan=True):
-                raise VerifyError(
-                    f"pass '{pass_name}' promised to preserve semantics but changed output {i}: "
-                    f"max abs error {err:.3g} (output magnitude {scale:.3g}, rtol {rtol}, atol {atol}); "
-                    "fix the pass or declare preserves_semantics = False"
-                )
-        return worst
-
-
-def _check_same_shapes(pass_name: str, before: list | None, after: list) -> None:
-    """Every pass keeps the model's outputs: their number, shapes and dtypes."""
-    if before is None:
-        return
-    sig = lambda outs: [(tuple(t.shape), t.dtype) for t in outs]  # noqa: E731
-    if sig(before) != sig(after):
-        raise VerifyError(
-            f"pass '{pass_name}' changed the model's outputs from {sig(before)} to {sig(after)}; "
-            "passes must keep output shapes (exclude the output layer from the pass)"
-        )
+        return GraphRun(outputs, macs(), is_fake(outputs))
 
 
 def check_order(passes: Sequence[Pass]) -> None:

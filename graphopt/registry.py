@@ -9,7 +9,7 @@ import typing
 from typing import Any
 
 from graphopt.errors import PipelineError
-from graphopt.pipeline import Pass
+from graphopt.pass_base import Pass
 
 _REGISTRY: dict[str, type[Pass]] = {}
 

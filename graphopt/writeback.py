@@ -27,7 +27,7 @@ from graphopt.diagnose import module_stack, short_reason
 from graphopt.errors import GraphoptWarning, WritebackError
 from graphopt.graph_utils import owner_and_leaf, resolve
 from graphopt.inputs import ExampleInputs
-from graphopt.writeback_sizes import SizeChanges, update_sizes
+from graphopt.writeback_sizes import SizeChanges, op_constants, update_sizes
 from graphopt.writeback_structure import apply_structure, delete_removed, graph_tensors, model_name
 
 __all__ = ["Snapshot", "snapshot", "to_model"]
@@ -45,17 +45,11 @@ class Snapshot:
 def snapshot(gm: fx.GraphModule, model: nn.Module) -> Snapshot:
     """Record the captured graph's tensor shapes and op constants (the write-back compares against them later)."""
     attrs = {name: tuple(t.shape) for name, t in graph_tensors(gm).items()}
-    constants = {n.name: _constants(n.args) for n in gm.graph.nodes if n.op == "call_function"}
+    constants = {n.name: op_constants(n.args) for n in gm.graph.nodes if n.op == "call_function"}
     by_id: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         by_id.setdefault(id(p), []).append(name)
     return Snapshot(attrs, constants, [names for names in by_id.values() if len(names) > 1])
-
-
-def _constants(args: Any) -> list[list]:
-    """The int/float constants of an op's arguments, one list per argument."""
-    return [[x for x in torch.utils._pytree.tree_leaves(a) if isinstance(x, (int, float)) and not isinstance(x, bool)]
-            for a in args]
 
 
 def to_model(gm: fx.GraphModule, original: nn.Module, snap: Snapshot, inputs: ExampleInputs,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -27,6 +28,12 @@ _NOT_SIZES = ("window", "patch", "kernel", "stride", "pad", "position", "vocab",
               "dropout", "eps", "seed", "rank")
 
 
+def op_constants(args: Any) -> list[list]:
+    """The int/float constants of an op's arguments, one list per argument."""
+    return [[x for x in torch.utils._pytree.tree_leaves(a) if isinstance(x, (int, float)) and not isinstance(x, bool)]
+            for a in args]
+
+
 @dataclass
 class SizeChanges:
     """Per module path: the constants of its own ops that changed (old -> the new values seen) and kept."""
@@ -38,13 +45,12 @@ class SizeChanges:
     def of(cls, gm: fx.GraphModule, snap) -> "SizeChanges":
         """Compare every op's constants now with those recorded at capture (``snap.constants``)."""
         from graphopt.blocks import scope_of
-        from graphopt.writeback import _constants
 
         changed: dict[str, dict] = defaultdict(lambda: defaultdict(set))
         kept: dict[str, set] = defaultdict(set)
         for node in gm.graph.nodes:
             old = snap.constants.get(node.name) if node.op == "call_function" else None
-            new = _constants(node.args) if old is not None else None
+            new = op_constants(node.args) if old is not None else None
             if old is None or len(old) != len(new):
                 continue
             scope = scope_of(node)

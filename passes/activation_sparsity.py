@@ -20,7 +20,7 @@ import graphopt.kernels  # noqa: F401  (registers torch.ops.graphopt.act_sparse_
 from graphopt import distributed
 from graphopt.graph_utils import free_attr_name, is_op, owner_and_leaf, remove_dead_nodes, remove_unused_attrs
 from graphopt.inputs import ExampleInputs
-from graphopt.pipeline import Context, Pass, PassResult
+from graphopt.pass_base import Context, Pass, PassResult
 from graphopt.registry import register_pass
 from graphopt.shapes import flat_graph_inputs
 

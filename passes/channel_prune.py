@@ -22,7 +22,7 @@ from graphopt.dependency import ChannelGroup, DependencyGraph
 from graphopt.dependency.apply import apply_channel_plan, keep_every_dim_nonempty
 from graphopt.errors import GraphoptWarning, PipelineError
 from graphopt.importance import CRITERIA, group_scores
-from graphopt.pipeline import Context, Pass, PassResult
+from graphopt.pass_base import Context, Pass, PassResult
 from graphopt.registry import register_pass
 from graphopt.shapes import GraphRunError, propagate
 
@@ -68,7 +68,7 @@ class PruneChannels(Pass):
         removed_total, pruned_groups = 0, 0
         step_keep = (1 - self.ratio) ** (1 / self.steps)
         for step in range(self.steps):
-            dep = DependencyGraph(gm, ctx) if step or ctx.gm is not gm else ctx.analysis(DependencyGraph)
+            dep = ctx.analysis(DependencyGraph, gm) if step == 0 else DependencyGraph(gm, ctx)  # step 1+: pruned
             if step == 0:
                 _warn_unknown(dep)
             plan = self.plan(gm, dep, ctx, 1 - step_keep)

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch.fx as fx
 
 from graphopt.graph_utils import remove_dead_nodes, remove_unused_attrs
-from graphopt.pipeline import Context, Pass, PassResult
+from graphopt.pass_base import Context, Pass, PassResult
 from graphopt.registry import register_pass
 
 

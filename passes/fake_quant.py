@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch.fx as fx
 
 from graphopt.errors import PipelineError
-from graphopt.pipeline import Context, Pass, PassResult
+from graphopt.pass_base import Context, Pass, PassResult
 from graphopt.quant import calibrate, fold_bn, placement, regions, sensitivity
 from graphopt.quant.cpu_int8 import resolve_reduce_range
 from graphopt.quant.insert import Scheme, check_dtypes, insert_quantizers

@@ -18,7 +18,7 @@ import torch.fx as fx
 from graphopt.graph_utils import (
     attr_value, free_attr_name, is_op, remove_dead_nodes, remove_unused_attrs, set_parameter,
 )
-from graphopt.pipeline import Context, Pass, PassResult
+from graphopt.pass_base import Context, Pass, PassResult
 from graphopt.registry import register_pass
 from graphopt.shapes import shape_of
 
@@ -86,23 +86,7 @@ class Fuse(Pass):
     preserves_semantics: ClassVar[bool] = True
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
-        fused, skipped = [], {}
-        for node in list(gm.graph.nodes):
-            bn = _as_batch_norm(node)
-            if bn is None or not isinstance(bn.source, fx.Node):
-                continue
-            layer = bn.source
-            if not is_op(layer, *_CONVS, *_CONV_T, aten.linear):
-                continue
-            reason = self._why_not(layer, bn)
-            if reason:
-                skipped[_layer_name(layer)] = reason
-                continue
-            fused.append(_layer_name(layer))
-            self._fold(gm, layer, bn)
-        if fused:
-            remove_dead_nodes(gm)
-            remove_unused_attrs(gm)
+        fused, skipped = fuse_batch_norms(gm)
         return PassResult(gm, modified=bool(fused), stats={"fused": len(fused), "skipped": len(skipped),
                                                              "fused_layers": fused, "skipped_layers": skipped})
 
@@ -145,3 +129,26 @@ class Fuse(Pass):
                 bias_node = gm.graph.get_attr(bias_name)
             layer.args = (*layer.args[:2], bias_node, *layer.args[3:])
         bn.node.replace_all_uses_with(layer)
+
+
+def fuse_batch_norms(gm: fx.GraphModule) -> tuple[list[str], dict[str, str]]:
+    """Fold, in place, every eval-mode BatchNorm into the conv/linear before it (what the ``fuse`` pass does; the
+    fake-quant pass calls it too). Returns the fused layers and ``{layer: why not}`` for those left alone."""
+    fused, skipped = [], {}
+    for node in list(gm.graph.nodes):
+        bn = _as_batch_norm(node)
+        if bn is None or not isinstance(bn.source, fx.Node):
+            continue
+        layer = bn.source
+        if not is_op(layer, *_CONVS, *_CONV_T, aten.linear):
+            continue
+        reason = Fuse._why_not(layer, bn)
+        if reason:
+            skipped[_layer_name(layer)] = reason
+            continue
+        fused.append(_layer_name(layer))
+        Fuse._fold(gm, layer, bn)
+    if fused:
+        remove_dead_nodes(gm)
+        remove_unused_attrs(gm)
+    return fused, skipped

@@ -25,7 +25,7 @@ import torch.fx as fx
 
 from graphopt.errors import PipelineError
 from graphopt.graph_utils import is_op, remove_dead_nodes, remove_unused_attrs, resolve, set_parameter
-from graphopt.pipeline import Context, Pass, PassResult
+from graphopt.pass_base import Context, Pass, PassResult
 from graphopt.registry import register_pass
 from graphopt.shapes import propagate, shape_of
 

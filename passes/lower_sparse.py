@@ -32,7 +32,7 @@ import graphopt.kernels  # noqa: F401  (registers torch.ops.graphopt.sparse_line
 from graphopt.kernels.choose import choose_format
 from graphopt.kernels.formats import FORMATS, SparseFormatError, pack, validate
 from graphopt.kernels import semi_structured, triton_bsr
-from graphopt.pipeline import Context, Pass, PassResult
+from graphopt.pass_base import Context, Pass, PassResult
 from graphopt.registry import register_pass
 from graphopt.shapes import shape_of
 

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from graphopt.graph_utils import is_op, replace_with
-from graphopt.pipeline import Context, Pass, PassResult
+from graphopt.pass_base import Context, Pass, PassResult
 from graphopt.registry import register_pass
 
 aten = torch.ops.aten

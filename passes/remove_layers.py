@@ -37,7 +37,7 @@ from graphopt import distributed
 from graphopt.blocks import Block, find_blocks, remove_blocks
 from graphopt.errors import InputError, MissingDataError, PassError, PipelineError
 from graphopt.inputs import ExampleInputs, flat_outputs
-from graphopt.pipeline import Context, Pass, PassResult
+from graphopt.pass_base import Context, Pass, PassResult
 from graphopt.progress import progress
 from graphopt.registry import register_pass
 from graphopt.shapes import flat_graph_inputs, propagate, shape_of

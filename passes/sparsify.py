@@ -41,7 +41,7 @@ import torch.fx as fx
 from graphopt.errors import InputError, PassError, PipelineError
 from graphopt.graph_utils import is_op, resolve
 from graphopt.passes.channel_prune import _matches
-from graphopt.pipeline import Context, Pass, PassResult
+from graphopt.pass_base import Context, Pass, PassResult
 from graphopt.registry import register_pass
 from graphopt.sparsity import (
     Pattern, achieved_sparsity, block_scores, cubic_sparsity, element_scores, expand_blocks, nm_keep,

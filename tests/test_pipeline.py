@@ -288,9 +288,15 @@ def test_analyses_are_cached_and_invalidated_by_modifying_passes():
     assert CountingAnalysis.runs == 3
 
 
-def test_analysis_outside_a_run_is_an_error():
-    with pytest.raises(graphopt.PipelineError, match=r"ctx.analysis\(\) is only available while a pass runs"):
+def test_analysis_outside_a_run_needs_the_graph_named():
+    with pytest.raises(graphopt.PipelineError, match=r"ctx.analysis\(\) needs a graph: call it inside a pass under "
+                                                     r"a PassManager, or pass gm="):
         Context(X).analysis(CountingAnalysis)
+    gm, ctx = _traced(), Context(X)
+    before = CountingAnalysis.runs
+    assert ctx.analysis(CountingAnalysis, gm) is ctx.analysis(CountingAnalysis, gm)  # cached for that graph
+    ctx.analysis(CountingAnalysis, _traced())  # another graph: its own analysis
+    assert CountingAnalysis.runs == before + 2
 
 
 def test_report_is_a_table_and_json():

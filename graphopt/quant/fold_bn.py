@@ -29,9 +29,9 @@ _CONVS = (aten.conv1d, aten.conv2d, aten.conv3d)
 
 def fold_batch_norms(gm: fx.GraphModule, ctx) -> list[str]:
     """Fold every eval-mode BatchNorm into its conv/linear (the ``fuse`` pass); returns the folded layers."""
-    from graphopt.passes.fuse import Fuse
+    from graphopt.passes.fuse import fuse_batch_norms  # passes/ builds on quant/, not the other way round
 
-    folded = Fuse().run(gm, ctx).stats["fused_layers"]
+    folded, _ = fuse_batch_norms(gm)
     for p in gm.parameters():  # fuse stores folded weights with requires_grad=False; QAT trains them
         if p.is_floating_point():
             p.requires_grad_(True)

@@ -26,6 +26,26 @@ SAMPLE_LIMIT = 1 << 20
 OBSERVERS = ("minmax", "moving-average", "percentile", "mse")
 
 
+_EPS = 1e-8
+
+
+def qparams_from_range(low: torch.Tensor, high: torch.Tensor, qmin: int, qmax: int, symmetric: bool):
+    """(scale, zero_point) covering [low, high] (always widened to include 0, so 0 is exact).
+
+    Symmetric: scale = max|x| / 127 and the zero point is the middle of the range (0 for int8, 128 for uint8), so
+    -128 is never used and weights are symmetric as onnxruntime's int8 kernels expect.
+    """
+    low, high = torch.clamp(low.float(), max=0.0), torch.clamp(high.float(), min=0.0)
+    if symmetric:
+        amax = torch.maximum(-low, high)
+        scale = torch.clamp(amax / ((qmax - qmin) // 2), min=_EPS)
+        zero_point = torch.full_like(scale, (qmin + qmax + 1) // 2, dtype=torch.int32)
+    else:
+        scale = torch.clamp((high - low) / (qmax - qmin), min=_EPS)
+        zero_point = torch.clamp(qmin - torch.round(low / scale), qmin, qmax).to(torch.int32)
+    return scale, zero_point
+
+
 class Observer:
     """Running min/max of the tensors it is shown (per tensor, or per channel along ``axis``)."""
 
@@ -176,8 +196,6 @@ class MseObserver(_SampleObserver):
     STEPS = 64
 
     def range(self, qmin, qmax, symmetric):
-        from graphopt.quant.quantizer import qparams_from_range
-
         values = self.sample()
         if self.axis is not None:
             values = values.transpose(0, self.axis).reshape(values.shape[self.axis], -1)

@@ -19,10 +19,9 @@ import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
 import torch.nn as nn
 
-from graphopt.quant.observers import Observer, make_observer
+from graphopt.quant.observers import _EPS, Observer, make_observer, qparams_from_range  # noqa: F401
 
 qd = torch.ops.quantized_decomposed
-_EPS = 1e-8
 _RANGES = {"int8": (-128, 127, torch.int8), "uint8": (0, 255, torch.uint8)}
 
 
@@ -51,23 +50,6 @@ class QuantSpec:
     @property
     def torch_dtype(self) -> torch.dtype:
         return _RANGES[self.dtype][2]
-
-
-def qparams_from_range(low: torch.Tensor, high: torch.Tensor, qmin: int, qmax: int, symmetric: bool):
-    """(scale, zero_point) covering [low, high] (always widened to include 0, so 0 is exact).
-
-    Symmetric: scale = max|x| / 127 and the zero point is the middle of the range (0 for int8, 128 for uint8), so
-    -128 is never used and weights are symmetric as onnxruntime's int8 kernels expect.
-    """
-    low, high = torch.clamp(low.float(), max=0.0), torch.clamp(high.float(), min=0.0)
-    if symmetric:
-        amax = torch.maximum(-low, high)
-        scale = torch.clamp(amax / ((qmax - qmin) // 2), min=_EPS)
-        zero_point = torch.full_like(scale, (qmin + qmax + 1) // 2, dtype=torch.int32)
-    else:
-        scale = torch.clamp((high - low) / (qmax - qmin), min=_EPS)
-        zero_point = torch.clamp(qmin - torch.round(low / scale), qmin, qmax).to(torch.int32)
-    return scale, zero_point
 
 
 class FakeQuantize(nn.Module):
