@@ -20,6 +20,7 @@ import graphopt.kernels  # noqa: F401  (registers torch.ops.graphopt.act_sparse_
 from graphopt import distributed
 from graphopt.graph_utils import free_attr_name, is_op, owner_and_leaf, remove_dead_nodes, remove_unused_attrs
 from graphopt.inputs import ExampleInputs
+from graphopt.layers import layer_name
 from graphopt.pass_base import Context, Pass, PassResult
 from graphopt.registry import register_pass
 from graphopt.shapes import flat_graph_inputs
@@ -68,7 +69,7 @@ class ActivationSparsity(Pass):
         measured = zero_fractions(gm, candidates, batches)
         decisions, lowered = {}, 0
         for node in candidates:
-            layer = node.args[1].target.rpartition(".")[0] or node.args[1].target
+            layer = layer_name(node)
             weight = getattr(*owner_and_leaf(gm, node.args[1].target)).detach()
             zero, rows = measured[node]
             reason = self._why_not(weight, zero, rows)

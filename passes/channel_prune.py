@@ -8,7 +8,6 @@ reached gradually and ``finetune(gm, step)`` runs between steps (prune a little,
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import re
 import warnings
@@ -23,6 +22,7 @@ from graphopt.dependency.apply import apply_channel_plan, keep_every_dim_nonempt
 from graphopt.errors import GraphoptWarning, PipelineError
 from graphopt.importance import CRITERIA, group_scores
 from graphopt.pass_base import Context, Pass, PassResult
+from graphopt.patterns import matches, matches_any, unmatched
 from graphopt.registry import register_pass
 from graphopt.shapes import GraphRunError, propagate
 
@@ -39,7 +39,7 @@ class PruneChannels(Pass):
     ratio: float = 0.5
     importance: str = "l2"
     round_to: int = 1  # each group keeps a multiple (a concat member alone may not: groups, not layers, round)
-    ignore: tuple = ()  # fnmatch patterns of parameter/module names whose groups stay whole
+    ignore: tuple = ()  # name patterns (graphopt/patterns.py) of modules/parameters whose groups stay whole
     ratios: tuple = ()  # ((pattern, ratio), ...): per-module ratios, first match wins
     global_ranking: bool = False
     max_ratio_per_group: float = 0.9
@@ -102,14 +102,14 @@ class PruneChannels(Pass):
         return keep_every_dim_nonempty(dep, plan, scores, self.round_to)
 
     def _eligible(self, group: ChannelGroup, dep: DependencyGraph) -> bool:
-        if any(_matches(p, pat) for p in group.params() for pat in self.ignore):
+        if any(matches_any(p, self.ignore) for p in group.params()):
             return False
         kind = dep.group_kind(group)
         return kind == "channels" or self.attention in ("both", kind)
 
     def _ratio_of(self, group: ChannelGroup, default: float) -> float:
         for pattern, r in self.ratios:
-            if any(_matches(p, pattern) for p in group.params()):
+            if any(matches(p, pattern) for p in group.params()):
                 return 1 - (1 - r) ** (1 / self.steps)
         return default
 
@@ -178,11 +178,6 @@ def _warn_unknown(dep: DependencyGraph) -> None:
                       GraphoptWarning, stacklevel=2)
 
 
-def _matches(name: str, pattern: str) -> bool:
-    """A parameter name matches a pattern naming it or a module that owns it ('layer1.0.conv1' matches its weight)."""
-    return fnmatch.fnmatch(name, pattern) or fnmatch.fnmatch(name, pattern + ".*")
-
-
 def _check_ratio(what: str, r: float) -> None:
     if not 0 <= r < 1:
         raise PipelineError(f"prune-channels: {what} must be in [0, 1), got {r}")
@@ -190,7 +185,7 @@ def _check_ratio(what: str, r: float) -> None:
 
 def _check_patterns(gm: fx.GraphModule, patterns: tuple) -> None:
     names = [n for n, _ in gm.named_parameters()] + [n for n, _ in gm.named_buffers()]
-    for pat in patterns:
-        if not any(_matches(n, pat) for n in names):
-            raise PipelineError(f"prune-channels: no parameter matches '{pat}' (ignore/ratios name modules or "
-                                f"parameters by qualified name, e.g. 'layer1.0.conv1' or 'blocks.*.attn')")
+    bad = unmatched(patterns, names)
+    if bad:
+        raise PipelineError(f"prune-channels: no parameter matches '{bad[0]}' (ignore/ratios name modules or "
+                            f"parameters by qualified name, e.g. 'layer1.0.conv1' or 'blocks.*.attn')")

@@ -12,15 +12,15 @@ DequantizeLinear ONNX.
 from __future__ import annotations
 
 import copy
-import fnmatch
 import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch.fx as fx
 
-from graphopt.errors import PipelineError
+from graphopt.errors import GraphoptWarning, PipelineError
 from graphopt.pass_base import Context, Pass, PassResult
+from graphopt.patterns import matches_any
 from graphopt.quant import calibrate, fold_bn, placement, regions, sensitivity
 from graphopt.quant.cpu_int8 import resolve_reduce_range
 from graphopt.quant.insert import Scheme, check_dtypes, insert_quantizers
@@ -42,7 +42,8 @@ class FakeQuant(Pass):
     observer: str = "minmax"  # activations: minmax, moving-average, percentile, mse
     weight_observer: str = "minmax"  # weights: minmax or mse
     percentile: float = 99.99
-    skip: tuple = ()  # layer name patterns kept in float; "last" = the layers producing the outputs
+    ignore: tuple = ()  # layer name patterns kept in float; "last" = the layers producing the outputs
+    skip: tuple = ()  # the old name of ignore (warns)
     qat: bool = False  # keep BatchNorm (simulated fold) so QAT updates its statistics
     keep_float: int = 0  # keep the k most sensitive layers in float
     min_layer_sqnr: float | None = None  # also keep layers whose one-layer SQNR (dB) is below this
@@ -68,9 +69,14 @@ class FakeQuant(Pass):
             raise PipelineError(f"fake-quant: {e}") from None
         if not 50 < self.percentile <= 100 or self.keep_float < 0:
             raise PipelineError("fake-quant: percentile must be in (50, 100] and keep_float >= 0")
-        if isinstance(self.skip, str) or isinstance(self.half, str):
-            object.__setattr__(self, "skip", (self.skip,) if isinstance(self.skip, str) else tuple(self.skip))
-            object.__setattr__(self, "half", (self.half,) if isinstance(self.half, str) else tuple(self.half))
+        for opt in ("ignore", "skip", "half"):
+            value = getattr(self, opt)
+            object.__setattr__(self, opt, (value,) if isinstance(value, str) else tuple(value))
+        if self.skip:
+            warnings.warn("fake-quant: the option `skip` is now called `ignore`, the name every pass uses for layers "
+                          "it leaves alone; write fake-quant:ignore=[...]", GraphoptWarning, stacklevel=3)
+            object.__setattr__(self, "ignore", self.ignore + self.skip)
+            object.__setattr__(self, "skip", ())
 
     def scheme(self) -> Scheme:
         """The weight and activation specs these options describe."""
@@ -81,14 +87,14 @@ class FakeQuant(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         batches = calibrate.check_batches(ctx.calib_data, ctx.inputs)  # before anything changes
-        check_dtypes(placement.plan(gm, tuple(self.skip)))
+        check_dtypes(placement.plan(gm, self.ignore))
         if quantizers(gm):
             raise PipelineError("fake-quant: the graph is already fake-quantized; run the pass once")
         with warnings.catch_warnings():  # torch's own pytree spec warns while being deep-copied
             warnings.simplefilter("ignore", FutureWarning)
             gm = trainable(copy.deepcopy(gm))  # a fresh module: the graph before the pass stays as it was
         folded = [] if self.qat else fold_bn.fold_batch_norms(gm, ctx)
-        plan = placement.plan(gm, tuple(self.skip))
+        plan = placement.plan(gm, self.ignore)
         owners = insert_quantizers(gm, plan, self.scheme())
         simulated = fold_bn.simulate_folding(gm) if self.qat else []
         trainable_bns = fold_bn.make_batch_norms_trainable(gm) if self.qat else 0
@@ -110,7 +116,7 @@ class FakeQuant(Pass):
         if self.keep_float or self.min_layer_sqnr is not None:
             ranking = sensitivity.rank_layers(gm, owners, batches[: self.sensitivity_batches])
         keep = sensitivity.choose_float(ranking, self.keep_float, self.min_layer_sqnr)
-        half = [s.layer for s in plan.sites if any(_match(s.layer, p) for p in self.half)]
+        half = [s.layer for s in plan.sites if matches_any(s.layer, self.half)]
         for site in plan.sites:
             if site.layer in keep or site.layer in half:
                 regions.dequantize_layer(gm, site)
@@ -124,5 +130,3 @@ class FakeQuant(Pass):
         return out
 
 
-def _match(name: str, pattern: str) -> bool:
-    return fnmatch.fnmatchcase(name, pattern)

@@ -18,13 +18,12 @@ import torch.fx as fx
 from graphopt.graph_utils import (
     attr_value, free_attr_name, is_op, remove_dead_nodes, remove_unused_attrs, set_parameter,
 )
+from graphopt.layers import CONV_TRANSPOSES, CONVS, is_shared, layer_name
 from graphopt.pass_base import Context, Pass, PassResult
 from graphopt.registry import register_pass
 from graphopt.shapes import shape_of
 
 aten = torch.ops.aten
-_CONVS = (aten.conv1d, aten.conv2d, aten.conv3d)
-_CONV_T = (aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d)
 
 
 @dataclass(frozen=True)
@@ -53,23 +52,9 @@ def _as_batch_norm(node: fx.Node) -> _BatchNorm | None:
     return None
 
 
-def _layer_name(layer: fx.Node) -> str:
-    """The module path of a layer (``blocks.0.conv1``) from its weight's name; the node name otherwise."""
-    weight = layer.args[1]
-    if isinstance(weight, fx.Node) and weight.op == "get_attr":
-        return weight.target.rpartition(".")[0] or weight.target
-    return layer.name
-
-
-def _is_shared(attr: fx.Node) -> bool:
-    """True if the parameter behind a get_attr node is read anywhere else in the graph."""
-    readers = [n for n in attr.graph.nodes if n.op == "get_attr" and n.target == attr.target]
-    return len(attr.users) > 1 or len(readers) > 1
-
-
 def _out_channel_scale(weight: torch.Tensor, scale: torch.Tensor, layer: fx.Node) -> torch.Tensor:
     """Multiply ``weight`` by ``scale`` along its output channels (dim 1 per group for transposed convs)."""
-    if is_op(layer, *_CONV_T):
+    if is_op(layer, *CONV_TRANSPOSES):
         groups = int(layer.args[6]) if len(layer.args) > 6 else 1
         w = weight.reshape(groups, weight.shape[0] // groups, *weight.shape[1:])
         s = scale.reshape(groups, 1, -1, *([1] * (weight.dim() - 2)))
@@ -99,7 +84,7 @@ class Fuse(Pass):
         params = [layer.args[1], layer.args[2] if len(layer.args) > 2 else None, bn.weight, bn.bias, bn.mean, bn.var]
         if any(p is not None and (not isinstance(p, fx.Node) or p.op != "get_attr") for p in params):
             return "weights are computed in the graph, not stored parameters"
-        if any(_is_shared(p) for p in params[:2] if p is not None):
+        if any(is_shared(p) for p in params[:2] if p is not None):
             return "weights are shared with another layer"
         shape = shape_of(layer)
         if is_op(layer, aten.linear) and (shape is None or len(shape) != 2):
@@ -140,13 +125,13 @@ def fuse_batch_norms(gm: fx.GraphModule) -> tuple[list[str], dict[str, str]]:
         if bn is None or not isinstance(bn.source, fx.Node):
             continue
         layer = bn.source
-        if not is_op(layer, *_CONVS, *_CONV_T, aten.linear):
+        if not is_op(layer, *CONVS, *CONV_TRANSPOSES, aten.linear):
             continue
         reason = Fuse._why_not(layer, bn)
         if reason:
-            skipped[_layer_name(layer)] = reason
+            skipped[layer_name(layer)] = reason
             continue
-        fused.append(_layer_name(layer))
+        fused.append(layer_name(layer))
         Fuse._fold(gm, layer, bn)
     if fused:
         remove_dead_nodes(gm)

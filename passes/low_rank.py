@@ -15,7 +15,6 @@ The SVD runs in float64; factors are stored in the weight's dtype as ``<layer>.l
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -25,12 +24,13 @@ import torch.fx as fx
 
 from graphopt.errors import PipelineError
 from graphopt.graph_utils import is_op, remove_dead_nodes, remove_unused_attrs, resolve, set_parameter
+from graphopt.layers import CONVS, shared_weights
 from graphopt.pass_base import Context, Pass, PassResult
+from graphopt.patterns import matches_any
 from graphopt.registry import register_pass
 from graphopt.shapes import propagate, shape_of
 
 aten = torch.ops.aten
-_CONVS = (aten.conv1d, aten.conv2d, aten.conv3d)
 _TAG = ".low_rank."
 
 
@@ -50,14 +50,6 @@ class _Layer:
         return self.weight_name.rpartition(".")[0] or self.weight_name
 
 
-def _readers(gm: fx.GraphModule) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for n in gm.graph.nodes:
-        if n.op == "get_attr":
-            counts[n.target] = counts.get(n.target, 0) + len(n.users)
-    return counts
-
-
 def _param(node) -> str | None:
     return node.target if isinstance(node, fx.Node) and node.op == "get_attr" else None
 
@@ -75,7 +67,7 @@ def _as_layer(gm: fx.GraphModule, node: fx.Node) -> _Layer | None:
         if isinstance(mat, fx.Node) and is_op(mat, aten.t) and _param(mat.args[0]) and len(mat.users) == 1:
             return _Layer(node, x, mat.args[0].target, resolve(gm, mat.args[0].target), bias, None)
         return None
-    if is_op(node, *_CONVS) and _param(node.args[1]):
+    if is_op(node, *CONVS) and _param(node.args[1]):
         args = list(node.args) + [None] * (7 - len(node.args))
         _, w_node, bias, stride, padding, dilation, groups = args
         if (groups or 1) != 1:
@@ -124,7 +116,7 @@ class LowRank(Pass):
     name: ClassVar[str] = "low-rank"
     energy: float = 0.99  # keep this fraction of the squared singular values (used when rank_ratio is 0)
     rank_ratio: float = 0.0  # rank = ceil(rank_ratio * full rank) instead of energy
-    ignore: tuple = ()  # fnmatch patterns of layer names (``head``, ``*.mlp.*``) left alone
+    ignore: tuple = ()  # name patterns (graphopt/patterns.py: ``head``, ``*.mlp.*``) left alone
     convs: bool = True  # factorize convs too (kxk conv with r filters, then a 1x1 conv)
     require_savings: bool = True  # only where MACs drop; False factorizes every layer (exactness checks)
     round_to: int = 1  # ranks are rounded up to a multiple of this (SIMD-friendly widths)
@@ -138,17 +130,17 @@ class LowRank(Pass):
             raise PipelineError(f"low-rank: round_to must be >= 1, got {self.round_to}")
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
-        if any(shape_of(n) is None for n in gm.graph.nodes if is_op(n, aten.linear, aten.addmm, *_CONVS)):
+        if any(shape_of(n) is None for n in gm.graph.nodes if is_op(n, aten.linear, aten.addmm, *CONVS)):
             propagate(gm, ctx.inputs, fake=True)  # MACs per layer need output shapes
-        readers = _readers(gm)
+        shared = shared_weights(gm)
         layers, skipped = [], {}
         for node in list(gm.graph.nodes):
             layer = _as_layer(gm, node)
             if layer is None or (layer.conv is not None and not self.convs) or _TAG in f".{layer.weight_name}":
                 continue
-            if any(fnmatch.fnmatchcase(layer.name, p) for p in self.ignore):
+            if matches_any(layer.name, self.ignore):
                 skipped[layer.name] = "ignored"
-            elif readers.get(layer.weight_name, 0) > 1:
+            elif layer.weight_name in shared:
                 skipped[layer.name] = "weight shared with another layer"
             else:
                 result = self._factorize(gm, layer)

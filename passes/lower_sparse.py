@@ -32,6 +32,7 @@ import graphopt.kernels  # noqa: F401  (registers torch.ops.graphopt.sparse_line
 from graphopt.kernels.choose import choose_format
 from graphopt.kernels.formats import FORMATS, SparseFormatError, pack, validate
 from graphopt.kernels import semi_structured, triton_bsr
+from graphopt.layers import layer_name
 from graphopt.pass_base import Context, Pass, PassResult
 from graphopt.registry import register_pass
 from graphopt.shapes import shape_of
@@ -105,19 +106,6 @@ def _as_layer(gm: fx.GraphModule, node: fx.Node):
     return None
 
 
-def _layer_name(node: fx.Node, weight_arg: int = 1) -> str:
-    """The module path of a layer from the stored tensor its weight comes from (``fc1``), else the node name."""
-    seen = [node.args[weight_arg]]
-    while seen:
-        n = seen.pop()
-        if n.op == "get_attr":
-            if ".parametrizations." in f".{n.target}":
-                return f".{n.target}".split(".parametrizations.")[0][1:] or n.target
-            return n.target.rpartition(".")[0] or n.target
-        seen.extend(a for a in n.args if isinstance(a, fx.Node))
-    return node.name
-
-
 def _rows_per_call(x: fx.Node, conv: bool, default: int) -> int:
     shape = shape_of(x) if isinstance(x, fx.Node) else None
     if shape is None:
@@ -170,7 +158,7 @@ class LowerSparse(Pass):
             if layer_op is None:
                 continue
             x, w2, bias, is_conv = layer_op
-            layer = _layer_name(node, 2 if is_op(node, aten.addmm) else 1)
+            layer = layer_name(node, 2 if is_op(node, aten.addmm) else 1)
             if self.target == "gpu" or (self.target == "auto" and w2.is_cuda):
                 decision = self._decide_gpu(w2, layer)
                 decisions[layer] = decision if isinstance(decision, str) else decision[0]

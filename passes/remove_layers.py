@@ -24,7 +24,6 @@ In a torch.distributed job the scores sum over every rank's batches (graphopt.di
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -38,6 +37,7 @@ from graphopt.blocks import Block, find_blocks, remove_blocks
 from graphopt.errors import InputError, MissingDataError, PassError, PipelineError
 from graphopt.inputs import ExampleInputs, flat_outputs
 from graphopt.pass_base import Context, Pass, PassResult
+from graphopt.patterns import matches
 from graphopt.progress import progress
 from graphopt.registry import register_pass
 from graphopt.shapes import flat_graph_inputs, propagate, shape_of
@@ -57,7 +57,7 @@ class RemoveLayers(Pass):
     criterion: str = "block-influence"
     blocks: tuple = ()  # explicit module names to remove (layers or branches); overrides n/fraction/criterion
     unit: str = "layer"  # "layer": whole transformer layers / ResNet blocks; "branch": attention or MLP alone
-    protect: tuple = ("first", "last")  # "first", "last" and fnmatch patterns of block names that stay
+    protect: tuple = ("first", "last")  # "first", "last" and name patterns (graphopt/patterns.py) of blocks that stay
     allow_projection: bool = False  # also remove blocks with a projection shortcut, keeping the projection
     plain: bool = False  # also shape-preserving modules without a skip (conv-BN-ReLU 32->32): replaced by x
     use_example_inputs: bool = False  # score on the example inputs when no calib_data was given
@@ -132,7 +132,7 @@ class RemoveLayers(Pass):
 
     def _protected(self, name: str, index: int, total: int) -> bool:
         for p in self.protect:
-            if (p == "first" and index == 0) or (p == "last" and index == total - 1) or fnmatch.fnmatchcase(name, p):
+            if (p == "first" and index == 0) or (p == "last" and index == total - 1) or matches(name, p):
                 return True
         return False
 

@@ -40,8 +40,9 @@ import torch.fx as fx
 
 from graphopt.errors import InputError, PassError, PipelineError
 from graphopt.graph_utils import is_op, resolve
-from graphopt.passes.channel_prune import _matches
+from graphopt.layers import output_layers
 from graphopt.pass_base import Context, Pass, PassResult
+from graphopt.patterns import first_match, matches_any, unmatched
 from graphopt.registry import register_pass
 from graphopt.sparsity import (
     Pattern, achieved_sparsity, block_scores, cubic_sparsity, element_scores, expand_blocks, nm_keep,
@@ -66,7 +67,7 @@ class Sparsify(Pass):
     global_threshold: bool = False
     sparsities: tuple = ()  # ((name pattern, sparsity), ...): per-layer targets, first match wins
     patterns: tuple = ()  # ((name pattern, pattern), ...): per-layer patterns, first match wins
-    ignore: tuple = ()  # fnmatch patterns of layers or weights left dense
+    ignore: tuple = ()  # name patterns (graphopt/patterns.py) of layers or weights left dense
     skip_output: bool = False
     skip_unfit: bool = False
     steps: int = 1
@@ -135,12 +136,12 @@ class Sparsify(Pass):
         candidates, skipped = find_layers(gm, skip_output=self.skip_output)
         layers = {}
         for name, transposed in candidates.items():
-            if any(_matches(name, pat) for pat in self.ignore):
+            if matches_any(name, self.ignore):
                 skipped[name] = "ignored"
                 continue
-            pattern = Pattern.parse(_first(self.patterns, name, self.pattern))
+            pattern = Pattern.parse(first_match(name, self.patterns, self.pattern))
             fixed = pattern.fixed_sparsity
-            target = fixed if fixed is not None else _first(self.sparsities, name, None)
+            target = fixed if fixed is not None else first_match(name, self.sparsities, None)
             cols = _matrix(resolve(gm, name), transposed).shape[1]
             if pattern.is_nm and cols % pattern.m:
                 if not self.skip_unfit:
@@ -211,7 +212,7 @@ def find_layers(gm: fx.GraphModule, *, skip_output: bool = False) -> tuple[dict[
             fine = weight_of.get(user) is n and sum(a is n for a in user.args) == 1
             only_weight[n.target] = only_weight.get(n.target, True) and fine
     aliases = _alias_names(gm)
-    outputs = _output_layers(gm, list(weight_of)) if skip_output else set()
+    outputs = output_layers(gm, weight_of) if skip_output else set()
     names, skipped = {}, {}
     for node, attr in weight_of.items():
         name = attr.target
@@ -249,20 +250,6 @@ def _alias_names(gm: fx.GraphModule) -> dict[str, list[str]]:
     return {name: names for names in by_tensor.values() for name in names}
 
 
-def _output_layers(gm: fx.GraphModule, layer_nodes: list[fx.Node]) -> set[fx.Node]:
-    """Layers from which no other layer is reachable (the ones that produce the model's outputs)."""
-    is_layer = set(layer_nodes)
-    feeds_layer: dict[fx.Node, bool] = {}
-    for node in reversed(list(gm.graph.nodes)):
-        feeds_layer[node] = any(u in is_layer or feeds_layer.get(u, False) for u in node.users)
-    return {n for n in layer_nodes if not feeds_layer[n]}
-
-
-def _first(pairs: tuple, name: str, default):
-    """The value of the first (pattern, value) pair whose pattern matches ``name``."""
-    return next((value for pat, value in pairs if _matches(name, pat)), default)
-
-
 def _owner(name: str) -> str:
     return name.rpartition(".")[0] or name
 
@@ -281,7 +268,7 @@ def _check_sparsity(what: str, s: float) -> None:
 
 def _check_names(gm: fx.GraphModule, patterns: tuple) -> None:
     names = [n for n, _ in gm.named_parameters()] + list(weight_masks(gm))
-    for pat in patterns:
-        if not any(_matches(n, pat) for n in names):
-            raise PipelineError(f"sparsify: no layer matches '{pat}' (ignore/sparsities/patterns name modules or "
-                                f"weights by qualified name, e.g. 'layer1.0.conv1' or 'blocks.*.mlp.*')")
+    bad = unmatched(patterns, names)
+    if bad:
+        raise PipelineError(f"sparsify: no layer matches '{bad[0]}' (ignore/sparsities/patterns name modules or "
+                            f"weights by qualified name, e.g. 'layer1.0.conv1' or 'blocks.*.mlp.*')")

@@ -72,7 +72,7 @@ def test_user_model_is_not_changed():
 
 def test_skip_last_keeps_the_classifier_float():
     case = build("resnet_basic")
-    res = graphopt.optimize(case.model, "fake-quant:skip=[last]", case.example_inputs,
+    res = graphopt.optimize(case.model, "fake-quant:ignore=[last]", case.example_inputs,
                             calib_data=_calib(case.example_inputs, 1))
     layers = {q.layer for q in quantizers(res.module).values()}
     assert "fc" not in layers and res.report.records[0].stats["skipped"] == ["fc"]

@@ -178,7 +178,7 @@ def test_a_module_saved_in_train_mode_loads_in_train_mode():
                      atol=1e-5)
 
 
-def test_a_pickle_names_only_one_graphopt_function():
+def test_a_pickle_names_only_graphopt_rebuild_and_the_module_class():
     """Everything else is torch's or the model's: graphopt's internals may change between save and load."""
     _, gm = captured("resnet_basic")
     names = set()

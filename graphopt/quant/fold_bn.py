@@ -21,10 +21,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from graphopt.graph_utils import attr_value, is_op, remove_dead_nodes, remove_unused_attrs, set_parameter
+from graphopt.layers import CONVS
 from graphopt.quant.quantizer import FakeQuantize
 
 aten = torch.ops.aten
-_CONVS = (aten.conv1d, aten.conv2d, aten.conv3d)
 
 
 def fold_batch_norms(gm: fx.GraphModule, ctx) -> list[str]:
@@ -124,7 +124,7 @@ def simulate_folding(gm: fx.GraphModule) -> list[str]:
     folded = []
     for bn in [n for n in gm.graph.nodes if is_op(n, aten.batch_norm)]:
         conv = bn.args[0]
-        if not (isinstance(conv, fx.Node) and is_op(conv, *_CONVS) and len(conv.users) == 1):
+        if not (isinstance(conv, fx.Node) and is_op(conv, *CONVS) and len(conv.users) == 1):
             continue
         wq = conv.args[1]
         if not (wq.op == "call_module" and isinstance(gm.get_submodule(wq.target), FakeQuantize)):

@@ -20,13 +20,14 @@ copy, other readers keep the float value.
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
+from graphopt import layers
 from graphopt.graph_utils import is_op
+from graphopt.patterns import matches_any
 from graphopt.shapes import shape_of
 
 aten = torch.ops.aten
@@ -98,14 +99,8 @@ class Placement:
 
 
 def layer_name(node: fx.Node, weight_pos: int | None) -> str:
-    """Module path of a layer from its weight's name (``layer1.0.conv1``), else the node name."""
-    w = node.args[weight_pos] if weight_pos is not None and len(node.args) > weight_pos else None
-    if isinstance(w, fx.Node) and w.op == "get_attr":
-        return w.target.rpartition(".")[0] or w.target
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        return list(stack.values())[-1][0] or node.name
-    return node.name
+    """Module path of a layer from its weight's name (``layer1.0.conv1``), else its module (graphopt/layers.py)."""
+    return layers.layer_name(node, weight_pos)
 
 
 def match(node: fx.Node) -> Rule | None:
@@ -116,11 +111,11 @@ def match(node: fx.Node) -> Rule | None:
     return None
 
 
-def plan(gm: fx.GraphModule, skip: tuple[str, ...] = ()) -> Placement:
-    """Read the table over ``gm``: which layers get quantizers on which arguments (``skip``: name patterns,
+def plan(gm: fx.GraphModule, ignore: tuple[str, ...] = ()) -> Placement:
+    """Read the table over ``gm``: which layers get quantizers on which arguments (``ignore``: name patterns,
     ``"last"`` for the layers that produce the model's outputs)."""
-    last = _output_layers(gm) if "last" in skip else set()
-    patterns = [p for p in skip if p != "last"]
+    last = _output_layers(gm) if "last" in ignore else set()
+    patterns = [p for p in ignore if p != "last"]
     sites, skipped, kept = [], [], {}
     for node in gm.graph.nodes:
         rule = match(node) if node.op == "call_function" else None
@@ -130,7 +125,7 @@ def plan(gm: fx.GraphModule, skip: tuple[str, ...] = ()) -> Placement:
             kept[rule.name] = kept.get(rule.name, 0) + 1
             continue
         name = layer_name(node, rule.weight)
-        if node in last or any(fnmatch.fnmatchcase(name, p) for p in patterns):
+        if node in last or matches_any(name, patterns):
             skipped.append(name)
             continue
         acts = [node.args[i] for i in rule.activations if i < len(node.args) and isinstance(node.args[i], fx.Node)]
@@ -142,16 +137,6 @@ def plan(gm: fx.GraphModule, skip: tuple[str, ...] = ()) -> Placement:
 
 def _output_layers(gm: fx.GraphModule) -> set[fx.Node]:
     """Quantizable layers whose result reaches an output through non-layer ops only (the classifier head)."""
-    found, seen = set(), set()
-    stack = list(next(n for n in gm.graph.nodes if n.op == "output").all_input_nodes)
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        rule = match(node) if node.op == "call_function" else None
-        if rule is not None and rule.action == "quantize" and rule.weight is not None:
-            found.add(node)
-            continue
-        stack.extend(node.all_input_nodes)
-    return found
+    weighted = [n for n in gm.graph.nodes if n.op == "call_function" and (rule := match(n)) is not None
+                and rule.action == "quantize" and rule.weight is not None]
+    return layers.output_layers(gm, weighted)
