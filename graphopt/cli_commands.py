@@ -90,15 +90,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 
 def _export(module, inputs, path: Path, opset: int | None):
-    """ONNX export: QDQ with int8 weight initializers for a fake-quant graph, plain float otherwise."""
+    """ONNX export (QDQ with int8 weight initializers for a fake-quant graph: export_onnx picks the format)."""
     import graphopt
 
-    try:
-        from graphopt.quant import export_qdq, quantizers
-    except ImportError:
-        quantizers = None
-    if quantizers is not None and quantizers(module):
-        return export_qdq(module, inputs, path, opset=opset)
     return graphopt.export_onnx(module, inputs, path, opset=opset)
 
 

@@ -135,15 +135,13 @@ def _compress(model, data, cfg, example) -> list[Stage]:
 def _measure(stages: list[Stage], out: Path, example, x_test, y_test, repeats: int, threads: int) -> bool:
     """Sizes, ONNX export + onnxruntime accuracy and latency of every stage, torch latency interleaved."""
     from graphopt.onnx_verify import ort_session
-    from graphopt.quant import export_qdq
 
     one = x_test[:1]
     ok = True
     for i, s in enumerate(stages):
         say(f"exporting '{s.name}' to ONNX and checking it in onnxruntime")
         s.params, s.macs = count_params(s.module), count_macs(s.module, example)
-        export = export_qdq if s.quantized else graphopt.export_onnx  # QDQ with int8 weight initializers
-        report = export(s.module, example, out / f"stage{i}.onnx")
+        report = graphopt.export_onnx(s.module, example, out / f"stage{i}.onnx")  # int8 stage: QDQ, int8 weights
         s.onnx_bytes = report.file_bytes
         session = ort_session(str(out / f"stage{i}.onnx"), threads=threads)  # one live session at a time
         name = session.get_inputs()[0].name

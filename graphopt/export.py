@@ -1,6 +1,10 @@
 """``graphopt.export_onnx``: a graphopt result (or any module) as a checked, simplified, verified ONNX file.
 
-Steps: call the module once for reference outputs; wrap it so ONNX sees flat tensor inputs and outputs with readable
+One path for every module; what differs by format (float, QDQ int8 of a fake-quant graph, the formats later
+capabilities register) is in graphopt/export_formats.py: the format prepares the module, rewrites the simplified
+file and says how onnxruntime's result is judged (elementwise for float, SQNR and top-1 agreement for quantized).
+
+Steps: let the format prepare the module; call it once for reference outputs; wrap it so ONNX sees flat tensor inputs and outputs with readable
 names (kwargs keys such as ``input_ids``, output fields such as ``logits``); export with torch's default
 torch.export-based exporter (``exporter="legacy"`` picks the TorchScript one); ``onnx.checker``; onnxsim, kept only
 when it leaves every QuantizeLinear/DequantizeLinear node in place; then onnxruntime on the example inputs and on a
@@ -27,13 +31,18 @@ import torch.fx.experimental._config as fx_config
 import torch.nn as nn
 from torch.export import Dim
 
+import graphopt.quant.onnx_qdq  # noqa: F401  (registers the QDQ int8 format)
 from graphopt.errors import GraphoptError, GraphoptWarning, InputError
+from graphopt.export_formats import ExportFormat, format_for
 from graphopt.graph_module import GraphoptModule
 from graphopt.inputs import ExampleInputs
 from graphopt.onnx_io import (
     FlatIO, count_qdq, ensure_fake_quant_meta_kernels, set_batch_dim_name, strip_initializer_prefix,
 )
-from graphopt.onnx_verify import compare, other_batch, ort_session, raise_if_disagrees, run_ort
+from graphopt.onnx_verify import (
+    compare, integer_kernel_count, other_batch, ort_session, raise_if_disagrees, raise_if_noisy, run_ort,
+    signal_to_noise, top1_agreement,
+)
 
 Exporter = Literal["dynamo", "legacy"]
 
@@ -60,6 +69,12 @@ class ExportReport:
     max_rel_error: float | None
     verified_batches: tuple[int, ...]
     seconds: float
+    format: str = "float"  # "float", "qdq-int8", ... (graphopt/export_formats.py)
+    quantize_nodes: int = 0  # QuantizeLinear nodes (activations; weights are stored as int8)
+    int8_weights: int = 0  # weights stored as int8 initializers
+    sqnr_db: float | None = None  # quantized formats: onnxruntime vs torch over every verified batch (the lowest)
+    top1_agreement: float | None = None  # quantized formats: share of rows whose argmax agrees (class outputs)
+    integer_kernels: int | None = None  # quantized formats: integer kernels onnxruntime runs (its optimized graph)
 
     @property
     def nodes(self) -> int:
@@ -75,11 +90,17 @@ class ExportReport:
             f"inputs:     {', '.join(self.input_names)}" + ("  (dynamic batch)" if self.dynamic_batch else ""),
             f"outputs:    {', '.join(self.output_names)}",
         ]
+        if self.format != "float":
+            lines.append(f"format:     {self.format}, {self.int8_weights} int8 weights, {self.quantize_nodes} "
+                         "QuantizeLinear" + ("" if self.integer_kernels is None
+                                             else f"; onnxruntime runs {self.integer_kernels} integer kernels"))
         if self.max_abs_error is None:
             lines.append("verified:   no")
         else:
             batches = ", ".join(map(str, self.verified_batches))
-            lines.append(f"verified:   onnxruntime at batch {batches}: max abs error {self.max_abs_error:.2e}, "
+            quality = "" if self.sqnr_db is None else f"SQNR {self.sqnr_db:.1f} dB, " + (
+                "" if self.top1_agreement is None else f"top-1 agreement {self.top1_agreement:.1%}, ")
+            lines.append(f"verified:   onnxruntime at batch {batches}: {quality}max abs error {self.max_abs_error:.2e}, "
                          f"max rel error {self.max_rel_error:.2e}")
         lines.append(f"time:       {self.seconds:.1f} s")
         return "\n".join(lines)
@@ -97,6 +118,7 @@ def export_onnx(
     exporter: Exporter = "dynamo",
     rtol: float = 1e-3,
     atol: float = 1e-4,
+    min_sqnr: float | None = 30.0,
 ) -> ExportReport:
     """Export ``module`` called on ``example_inputs`` to the ONNX file ``path`` and return an ExportReport.
 
@@ -104,7 +126,9 @@ def export_onnx(
     keyword inputs; non-tensor values are baked in). With ``dynamic_batch`` dim 0 of every input that shares the
     first input's batch size becomes the symbolic ``batch`` dim. ``exporter="legacy"`` uses the TorchScript
     exporter (deprecated by torch) where the torch.export-based one fails. ``verify`` runs onnxruntime and raises
-    ``VerifyError`` when any output differs beyond ``atol + rtol * |torch|``. The module is not changed.
+    ``VerifyError`` when any output differs beyond ``atol + rtol * |torch|``; for a quantized module (a calibrated
+    fake-quant graph: QDQ with int8 weights) when onnxruntime's SQNR against torch falls below ``min_sqnr`` dB
+    (None: report it only), since integer kernels round differently from the simulation. The module is not changed.
     """
     start = time.perf_counter()
     if not isinstance(module, nn.Module):
@@ -113,7 +137,8 @@ def export_onnx(
         raise InputError(f"export_onnx: exporter must be 'dynamo' or 'legacy', got {exporter!r}")
     path = os.fspath(path)
     _check_writable(path)
-    module = _in_eval_mode(module)
+    fmt = format_for(module)
+    module = _in_eval_mode(fmt.prepare(module))
     flat = FlatIO(module, ExampleInputs.of(example_inputs))
     batched = flat.batched_inputs() if dynamic_batch else [False] * len(flat.tensors)
     proto = _export(flat, batched, opset, exporter, type(module).__name__)
@@ -123,17 +148,25 @@ def export_onnx(
     nodes_simplified = None
     if simplify:
         proto, nodes_simplified = _simplify(proto)
+    stats = fmt.rewrite(proto)
+    if stats:
+        _check(proto)
     _save(proto, path)
     errors: tuple[float | None, float | None] = (None, None)
     verified: tuple[int, ...] = ()
+    quality: dict = {}
     if verify:
-        errors, verified = _verify(path, flat, batched, rtol, atol)
+        errors, verified, quality = _verify(path, flat, batched, fmt, rtol, atol, min_sqnr)
+        if fmt.check == "sqnr":
+            quality["integer_kernels"] = integer_kernel_count(path)
     return ExportReport(
         path=path, exporter=exporter, opset=_opset(proto), input_names=tuple(flat.input_names),
         output_names=tuple(flat.output_names), dynamic_batch=any(batched), nodes_exported=nodes_exported,
         nodes_simplified=nodes_simplified, qdq_nodes=count_qdq(proto), file_bytes=_file_bytes(path),
         max_abs_error=errors[0], max_rel_error=errors[1], verified_batches=verified,
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - start, format=fmt.name,
+        quantize_nodes=sum(n.op_type == "QuantizeLinear" for n in proto.graph.node),
+        int8_weights=stats.get("int8_weights", 0), **quality,
     )
 
 
@@ -337,8 +370,10 @@ def _save(proto, path: str) -> None:
         raise ExportError(f"cannot write the ONNX file to '{path}': {e.strerror or e}; choose a writable path") from e
 
 
-def _verify(path: str, flat: FlatIO, batched: list[bool], rtol: float, atol: float):
-    """Run the written file in onnxruntime on the example batch and, if dynamic, on batch + 1."""
+def _verify(path: str, flat: FlatIO, batched: list[bool], fmt: ExportFormat, rtol: float, atol: float,
+            min_sqnr: float | None):
+    """Run the written file in onnxruntime on the example batch and, if dynamic, on batch + 1; judge it as the
+    format says (elementwise, or SQNR and top-1 agreement)."""
     batches = [(flat.tensors, flat.reference)]
     if any(batched):
         size = next(t.shape[0] for t, b in zip(flat.tensors, batched) if b)
@@ -347,17 +382,27 @@ def _verify(path: str, flat: FlatIO, batched: list[bool], rtol: float, atol: flo
     session = ort_session(path)
     try:
         worst_abs = worst_rel = 0.0
-        sizes = []
+        sizes, sqnrs, agree = [], [], []
         for tensors, want in batches:
             got = run_ort(session, flat.input_names, tensors)
             sizes.append(next((t.shape[0] for t, b in zip(tensors, batched) if b), _batch_of(tensors)))
             errors = compare(flat.output_names, got, want, rtol, atol, sizes[-1])
-            raise_if_disagrees(errors, sizes[-1], rtol, atol)
+            if fmt.check == "sqnr":
+                sqnrs.append(signal_to_noise(got, want))
+                agree.append(top1_agreement(got, want))
+                if min_sqnr is not None:
+                    raise_if_noisy(sqnrs[-1], sizes[-1], min_sqnr)
+            else:
+                raise_if_disagrees(errors, sizes[-1], rtol, atol)
             worst_abs = max([worst_abs] + [e.max_abs for e in errors])
             worst_rel = max([worst_rel] + [e.max_rel for e in errors])
     finally:
         del session  # one live session at a time: an idle one keeps a spinning thread
-    return (worst_abs, worst_rel), tuple(sizes)
+    quality = {}
+    if sqnrs:
+        known = [a for a in agree if a is not None]
+        quality = {"sqnr_db": min(sqnrs), "top1_agreement": min(known) if known else None}
+    return (worst_abs, worst_rel), tuple(sizes), quality
 
 
 def _batch_of(tensors) -> int:

@@ -77,15 +77,10 @@ def _exists(gm: fx.GraphModule, qualified: str) -> bool:
 
 def remove_dead_nodes(gm: fx.GraphModule) -> int:
     """Erase pure nodes whose results nobody uses (input guards and asserts stay); returns how many."""
-    removed = 0
-    for node in reversed(list(gm.graph.nodes)):
-        if node.users or node.op in ("placeholder", "output") or node.is_impure():
-            continue
-        if node.op == "call_module":  # opaque modules (guards, user leaves) may have side effects
-            continue
-        gm.graph.erase_node(node)
-        removed += 1
-    return removed
+    before = len(gm.graph.nodes)
+    # torch's own pass; call_module nodes stay: opaque modules (guards, user leaves) may have side effects
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op == "call_module" or n.is_impure())
+    return before - len(gm.graph.nodes)
 
 
 def remove_unused_attrs(gm: fx.GraphModule) -> list[str]:

@@ -116,3 +116,78 @@ def other_batch(tensors: Sequence[torch.Tensor], batched: Sequence[bool], batch:
         else:  # token ids, masks, indices: repeat real rows so every value stays valid
             out.append(t[torch.arange(batch) % t.shape[0]])
     return out
+
+
+def signal_to_noise(got: Sequence[np.ndarray], want: Sequence[torch.Tensor]) -> float:
+    """10*log10(sum want^2 / sum (got - want)^2) over every float output, in dB (inf when equal)."""
+    signal = noise = 0.0
+    for g, w in zip(got, want):
+        if not w.is_floating_point():
+            continue
+        w64 = w.detach().cpu().numpy().astype(np.float64)
+        signal += float(np.square(w64).sum())
+        noise += float(np.square(g.astype(np.float64) - w64).sum())
+    if noise == 0.0:
+        return math.inf
+    return 10 * math.log10(max(signal, 1e-30) / noise)
+
+
+def top1_agreement(got: Sequence[np.ndarray], want: Sequence[torch.Tensor]) -> float | None:
+    """Share of rows where onnxruntime and torch pick the same class (argmax over the last dim), over the float
+    outputs with more than one class; None when no output has classes."""
+    same = total = 0
+    for g, w in zip(got, want):
+        if not w.is_floating_point() or w.dim() < 2 or w.shape[-1] < 2:
+            continue
+        a = np.argmax(g.reshape(-1, g.shape[-1]), axis=1)
+        b = w.detach().reshape(-1, w.shape[-1]).argmax(dim=1).cpu().numpy()
+        same += int((a == b).sum())
+        total += a.size
+    return same / total if total else None
+
+
+def raise_if_noisy(sqnr: float, batch: int, min_sqnr: float) -> None:
+    """A VerifyError when onnxruntime's quantized kernels drift from the torch simulation by more than allowed."""
+    if sqnr < min_sqnr:
+        raise VerifyError(
+            f"onnxruntime's int8 result follows the torch fake-quant graph at only {sqnr:.1f} dB SQNR at batch {batch} "
+            f"(min_sqnr={min_sqnr:g} dB): its integer kernels compute something else than the simulation. On an x86 "
+            "CPU without VNNI, quantize with fake-quant:reduce_range=true; otherwise retry with simplify=False, or "
+            "lower min_sqnr if the drift is expected"
+        )
+
+
+# onnxruntime ops that compute in integers (what a quantized export is for)
+INTEGER_KERNELS = frozenset({
+    "QLinearConv", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "ConvInteger", "QGemm", "QLinearAdd",
+    "QLinearMul", "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearSigmoid",
+    "QLinearLeakyRelu", "QLinearSoftmax", "QLinearWhere", "DynamicQuantizeMatMul", "MatMulNBits", "QAttention",
+    "QEmbedLayerNormalization", "QOrderedMatMul",
+})
+
+
+def ort_kernel_counts(path: str, optimized_path: str, threads: int = 1) -> dict[str, int]:
+    """Op types of the model onnxruntime actually runs (its optimized graph, written to ``optimized_path``)."""
+    import onnx
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    opts.optimized_model_filepath = optimized_path
+    session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    del session
+    counts: dict[str, int] = {}
+    for node in onnx.load(optimized_path).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def integer_kernel_count(path: str) -> int:
+    """How many integer kernels onnxruntime runs for the file at ``path`` (see INTEGER_KERNELS)."""
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        counts = ort_kernel_counts(path, os.path.join(folder, "optimized.onnx"))
+    return sum(n for op, n in counts.items() if op in INTEGER_KERNELS)

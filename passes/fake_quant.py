@@ -4,9 +4,9 @@ Steps: fold BatchNorm into convs (PTQ), or rewrite conv+BN into the simulated fo
 placement table (graphopt/quant/placement.py) to put quantizers on weights (int8 symmetric, per output channel)
 and on activations (uint8 asymmetric per tensor by default: onnxruntime's U8S8 int8 kernels); run the graph over
 ``ctx.calib_data`` with observers on; freeze the scales; optionally rank layers by sensitivity and keep the most
-sensitive ones in float (or bf16/fp16). The result is a plain ``fx.GraphModule``: ``.train()`` works, gradients
-flow by the straight-through estimator, and ``graphopt.quant.export_qdq`` writes it as QuantizeLinear /
-DequantizeLinear ONNX.
+sensitive ones in float (or bf16/fp16). The result is a GraphoptModule: ``.train()`` works, gradients
+flow by the straight-through estimator, and ``graphopt.export_onnx`` writes it as QuantizeLinear /
+DequantizeLinear ONNX with int8 weights.
 """
 
 from __future__ import annotations

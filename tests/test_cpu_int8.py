@@ -9,7 +9,7 @@ from onnx import numpy_helper
 
 import graphopt
 from graphopt.errors import PipelineError
-from graphopt.quant import cpu_int8, export_qdq, quantizers
+from graphopt.quant import cpu_int8, quantizers
 from models import build
 
 
@@ -23,7 +23,7 @@ def test_reduced_range_stores_7_bit_weights_that_onnxruntime_runs_like_torch(tmp
     weights = [q for q in quantizers(res.module).values() if q.role == "weight"]
     assert weights and all((q.spec.qmin, q.spec.qmax) == (-64, 63) for q in weights)
     assert res.report.records[-1].stats["weight_bits"] == 7
-    report = export_qdq(res.module, case.example_inputs, tmp_path / "q.onnx")
+    report = graphopt.export_onnx(res.module, case.example_inputs, tmp_path / "q.onnx")
     stored = [numpy_helper.to_array(i) for i in onnx.load(tmp_path / "q.onnx").graph.initializer
               if i.data_type == onnx.TensorProto.INT8 and len(i.dims) > 1]
     assert len(stored) == len(weights)

@@ -68,6 +68,4 @@ def test_prune_then_quantize_in_one_pipeline(tmp_path):
     text = str(res.report)
     assert "prune-channels" in text and "fake-quant" in text
     assert outputs(res.module, case.example_inputs)[0].shape == (2, 10)
-    from graphopt.quant import export_qdq
-
-    assert export_qdq(res.module, case.example_inputs, tmp_path / "pq.onnx").sqnr_db > 30
+    assert graphopt.export_onnx(res.module, case.example_inputs, tmp_path / "pq.onnx").sqnr_db > 30

@@ -8,7 +8,7 @@ the straight-through estimator in training mode. So QAT is ordinary training::
     gm = graphopt.optimize(model, "fake-quant:qat=true", x, calib_data=batches).module
     prepare_qat(gm, learnable_scales=True)      # optional: LSQ scales
     gm.train(); ...optimizer steps...; gm.eval()
-    deployable = convert(gm)                     # BN folded with the final statistics, ready for export_qdq
+    deployable = convert(gm)                     # BN folded with the final statistics, ready for export_onnx
 """
 
 from __future__ import annotations
