@@ -145,6 +145,9 @@ def _write_reports(out: Path, args: argparse.Namespace, result, summary: dict, o
           _summary_table(summary), "", "```", str(result.report), "```"]
     if onnx is not None:
         md += ["", "```", str(onnx), "```"]
+    decisions = result.report.decisions_markdown()
+    if decisions:
+        md += ["", "## Per-layer decisions", "", decisions]
     (out / "report.md").write_text("\n".join(md) + "\n")
 
 

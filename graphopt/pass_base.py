@@ -33,11 +33,14 @@ _RUNNING: contextvars.ContextVar["Pass | None"] = contextvars.ContextVar("grapho
 
 @dataclass(frozen=True)
 class PassResult:
-    """What a pass returns: the (possibly new) graph, whether it changed anything, and pass-specific stats."""
+    """What a pass returns: the (possibly new) graph, whether it changed anything, pass-specific stats, and
+    ``decisions``: per layer (or block) name, what the pass did to it or why it left it alone, in words
+    (``{"layer1.0.conv1": "out 64 -> 32"}``, ``{"fc": "ignored"}``); the report, its JSON and the CLI show them."""
 
     gm: fx.GraphModule
     modified: bool
     stats: dict = field(default_factory=dict)
+    decisions: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

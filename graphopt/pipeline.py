@@ -86,7 +86,7 @@ class PassManager:
             inst.after_pass(p, result, ctx, before, after, fields)
         record = PassRecord(p.name, fields.get("seconds", 0.0), result.modified, fields.get("params_before", 0),
                             fields.get("params_after", 0), fields.get("macs_before"), fields.get("macs_after"),
-                            dict(result.stats), fields.get("max_abs_error"))
+                            dict(result.stats), fields.get("max_abs_error"), dict(result.decisions))
         return record, result.gm, after if after is not None else before
 
     def _graph_run(self, gm, ctx: Context, pass_name: str, mode: str) -> GraphRun:

@@ -18,6 +18,7 @@ class PassRecord:
     macs_after: int | None
     stats: dict
     max_abs_error: float | None = None  # vs the graph before the pass, when the manager compared outputs
+    decisions: dict = field(default_factory=dict)  # layer or block -> what the pass did or why not (PassResult)
 
 
 def _human(n: int | None) -> str:
@@ -61,6 +62,16 @@ class Report:
             if k == 0:
                 lines.append("  ".join("-" * w for w in widths))
         return "\n".join(lines)
+
+    def decisions_markdown(self) -> str:
+        """Per pass, its per-layer decisions as a markdown table (empty when no pass made any)."""
+        parts = []
+        for r in self.records:
+            if r.decisions:
+                parts += [f"### {r.name}", "", "| layer | decision |", "|---|---|"]
+                parts += [f"| `{name}` | {what} |" for name, what in r.decisions.items()]
+                parts.append("")
+        return "\n".join(parts).rstrip()
 
     def to_dict(self) -> dict:
         """JSON-ready form of the report."""

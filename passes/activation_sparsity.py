@@ -80,7 +80,8 @@ class ActivationSparsity(Pass):
         if lowered:
             remove_dead_nodes(gm)
             remove_unused_attrs(gm)
-        return PassResult(gm, modified=bool(lowered), stats={"lowered": lowered, "layers": decisions})
+        return PassResult(gm, modified=bool(lowered), stats={"lowered": lowered, "layers": decisions},
+                          decisions=decisions)
 
     def _why_not(self, weight: torch.Tensor, zero: float, rows: int) -> str | None:
         if weight.dtype != torch.float32:

@@ -21,6 +21,8 @@ from graphopt.dependency import ChannelGroup, DependencyGraph
 from graphopt.dependency.apply import apply_channel_plan, keep_every_dim_nonempty
 from graphopt.errors import GraphoptWarning, PipelineError
 from graphopt.importance import CRITERIA, group_scores
+from graphopt.graph_utils import resolve
+from graphopt.layers import layers
 from graphopt.pass_base import Context, Pass, PassResult
 from graphopt.patterns import matches, matches_any, unmatched
 from graphopt.registry import register_pass
@@ -65,6 +67,7 @@ class PruneChannels(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         _check_patterns(gm, self.ignore + tuple(p for p, _ in self.ratios))
+        before = _layer_shapes(gm)
         removed_total, pruned_groups = 0, 0
         step_keep = (1 - self.ratio) ** (1 / self.steps)
         for step in range(self.steps):
@@ -79,7 +82,8 @@ class PruneChannels(Pass):
             if self.finetune is not None and step < self.steps - 1:
                 self.finetune(gm, step)
         return PassResult(gm, modified=removed_total > 0, stats={
-            "groups_pruned": pruned_groups, "params_removed": removed_total, "steps": self.steps})
+            "groups_pruned": pruned_groups, "params_removed": removed_total, "steps": self.steps},
+            decisions=_shape_decisions(before, _layer_shapes(gm), self.ignore))
 
     def plan(self, gm: fx.GraphModule, dep: DependencyGraph, ctx: Context, ratio: float) -> dict:
         """Which channels of which groups to remove at this ``ratio``."""
@@ -176,6 +180,26 @@ def _warn_unknown(dep: DependencyGraph) -> None:
         warnings.warn(f"prune-channels: no dependency rule for {', '.join(ops)}; the channels they touch are left "
                       "unpruned. Register a rule with @graphopt.dependency.register_rule(op) to prune through them.",
                       GraphoptWarning, stacklevel=2)
+
+
+def _layer_shapes(gm: fx.GraphModule) -> dict[str, tuple[int, ...]]:
+    return {layer.name: tuple(resolve(gm, layer.weight.target).shape) for layer in layers(gm) if layer.weight is not None}
+
+
+def _shape_decisions(before: dict, after: dict, ignore: tuple) -> dict[str, str]:
+    """Per layer: its weight's (out, in) sizes before -> after, "ignored", or "unchanged"."""
+    out = {}
+    for name, old in before.items():
+        new = after.get(name)
+        if matches_any(name, ignore):
+            out[name] = "ignored"
+        elif new is None:
+            out[name] = "removed"
+        elif new != old:
+            out[name] = ", ".join(f"{what} {a} -> {b}" for what, a, b in zip(("out", "in"), old[:2], new[:2]) if a != b)
+        else:
+            out[name] = "unchanged"
+    return out
 
 
 def _check_ratio(what: str, r: float) -> None:

@@ -109,7 +109,16 @@ class FakeQuant(Pass):
         stats["activation_quantizers"] = sum(q.role == "activation" for q in quantizers(gm).values())
         gm.graph.lint()
         gm.recompile()
-        return PassResult(gm, modified=True, stats=stats)
+        return PassResult(gm, modified=True, stats=stats, decisions=self._decisions(plan, stats))
+
+    def _decisions(self, plan, stats: dict) -> dict[str, str]:
+        bits = stats["weight_bits"]
+        out = {site.layer: f"int8 ({bits}-bit weights)" if site.weight is not None else "int8 inputs"
+               for site in plan.sites}
+        out.update({layer: "ignored (float)" for layer in plan.skipped})
+        out.update({layer: f"{self.float_dtype} (sensitive)" for layer in stats["kept_float"]})
+        out.update({layer: self.half_dtype for layer in stats["half_layers"]})
+        return out
 
     def _mixed_precision(self, gm, plan, owners, batches) -> dict:
         ranking = []

@@ -72,8 +72,10 @@ class Fuse(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         fused, skipped = fuse_batch_norms(gm)
+        decisions = {**{layer: "BatchNorm folded in" for layer in fused}, **skipped}
         return PassResult(gm, modified=bool(fused), stats={"fused": len(fused), "skipped": len(skipped),
-                                                             "fused_layers": fused, "skipped_layers": skipped})
+                                                             "fused_layers": fused, "skipped_layers": skipped},
+                          decisions=decisions)
 
     @staticmethod
     def _why_not(layer: fx.Node, bn: _BatchNorm) -> str | None:

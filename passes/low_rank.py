@@ -153,7 +153,9 @@ class LowRank(Pass):
         return PassResult(gm, modified=bool(layers), stats={
             "factorized": len(layers), "skipped": len(skipped),
             "layer_macs": f"{before} -> {after}" if layers else "unchanged",
-            "layers": layers, "skipped_layers": skipped})
+            "layers": layers, "skipped_layers": skipped},
+            decisions={**{x["layer"]: f"rank {x['rank']}, MACs {x['macs_before']} -> {x['macs_after']}"
+                          for x in layers}, **skipped})
 
     def _factorize(self, gm: fx.GraphModule, layer: _Layer) -> dict | str:
         w = layer.matrix.detach()

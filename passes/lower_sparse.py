@@ -177,7 +177,7 @@ class LowerSparse(Pass):
             remove_unused_attrs(gm)
         stats = {"lowered": lowered, "kept_dense": len(decisions) - lowered, "layers": decisions,
                  "baked_parametrizations": baked}
-        return PassResult(gm, modified=bool(lowered or baked), stats=stats)
+        return PassResult(gm, modified=bool(lowered or baked), stats=stats, decisions=dict(decisions))
 
     def _too_dense(self, w2: torch.Tensor) -> str | None:
         """Why a weight stays dense before any format is considered (None: it is a candidate)."""

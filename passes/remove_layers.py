@@ -96,7 +96,11 @@ class RemoveLayers(Pass):
         removed = [{"block": b.name, "score": scores.get(b.name), "params": params[b.name]} for b in chosen]
         text = ", ".join(b.name + ("" if scores.get(b.name) is None else f" ({scores[b.name]:.3g})")
                          for b in chosen)
-        return PassResult(gm, modified=bool(chosen), stats={
+        decisions = {name: f"kept (score {score:.3g})" for name, score in scores.items()
+                     if isinstance(score, (int, float))}
+        decisions.update({b.name: "removed" + ("" if scores.get(b.name) is None else f" (score {scores[b.name]:.3g})")
+                          for b in chosen})
+        return PassResult(gm, modified=bool(chosen), decisions=decisions, stats={
             "criterion": "explicit" if self.blocks else self.criterion, "removed": text,
             "blocks_found": len(candidates), "removed_blocks": removed, "scores": scores,
             **({"windows": windows} if windows else {})})

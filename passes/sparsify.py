@@ -107,7 +107,9 @@ class Sparsify(Pass):
             modified |= changed
             if self.finetune is not None and step < self.steps:
                 self.finetune(gm, step - 1)
-        return PassResult(gm, modified=modified, stats={**stats, "steps": self.steps})
+        decisions = {_owner(n): f"{s:.1%} zeros" for n, s in stats.get("per_layer", {}).items()}
+        decisions.update({_owner(n): why for n, why in stats.get("skipped", {}).items()})
+        return PassResult(gm, modified=modified, stats={**stats, "steps": self.steps}, decisions=decisions)
 
     def apply(self, gm: fx.GraphModule, progress: float = 1.0) -> dict:
         """Set the masks of ``gm`` (in place) to where the cubic schedule stands at ``progress`` in [0, 1].

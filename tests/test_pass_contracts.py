@@ -168,3 +168,26 @@ def test_without_verification_no_graph_runs_and_macs_are_not_counted():
     assert recorder.events[-1] == ("after", "prune-channels", True, False, True)
     record = res.report.records[0]
     assert record.macs_after is None and record.params_after < record.params_before
+
+
+def test_every_layer_pass_reports_its_decisions_per_layer_in_one_shape():
+    from graphopt.layers import layers
+    from models import build
+
+    case = build("resnet_basic")
+    x = case.example_inputs
+    names = {layer.name for layer in layers(graphopt.trace(case.model, x))}
+    pipeline = "fuse,prune-channels:ratio=0.5,sparsify:sparsity=0.5,lower-sparse,fake-quant:ignore=[fc]"
+    res = graphopt.optimize(case.model, pipeline, x, calib_data=[x])
+    by_pass = {r.name: r.decisions for r in res.report.records}
+    for name, decisions in by_pass.items():
+        # keys are layer names, or the module of an op that is not a layer (fake-quant's residual adds)
+        unknown = [k for k in decisions if k not in names and not any(n.startswith(k + ".") for n in names)]
+        assert decisions and not unknown, (name, unknown)
+        assert all(isinstance(v, str) and v for v in decisions.values())
+    assert by_pass["fuse"]["stem.0"] == "BatchNorm folded in"
+    assert by_pass["prune-channels"]["layers.0.conv1.0"].startswith("out ")
+    assert by_pass["sparsify"]["layers.0.conv1.0"].endswith("zeros")
+    assert by_pass["fake-quant"]["fc"] == "ignored (float)"
+    assert res.report.to_dict()["passes"][0]["decisions"] == by_pass["fuse"]
+    assert "| `stem.0` | BatchNorm folded in |" in res.report.decisions_markdown()
