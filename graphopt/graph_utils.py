@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -102,3 +104,20 @@ def replace_with(node: fx.Node, value: fx.Node) -> None:
     """Point every user of ``node`` at ``value`` and erase ``node``."""
     node.replace_all_uses_with(value)
     node.graph.erase_node(node)
+
+
+def arg(node: fx.Node, name: str, default: Any = None) -> Any:
+    """Argument ``name`` of an ATen call by its schema (positional or keyword, default filled in), else ``default``."""
+    target = node.target
+    schema = getattr(target, "_schema", None)
+    if schema is None:
+        return node.kwargs.get(name, default)
+    for i, a in enumerate(schema.arguments):
+        if a.name != name:
+            continue
+        if i < len(node.args):
+            return node.args[i]
+        if name in node.kwargs:
+            return node.kwargs[name]
+        return a.default_value if a.has_default_value() else default
+    return default

@@ -20,6 +20,8 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 
+from graphopt.graph_utils import arg
+
 __all__ = ["CONVS", "CONV_TRANSPOSES", "LINEARS", "Layer", "arg", "is_shared", "layer_name", "layers",
            "output_layers", "shared_weights", "weight_source"]
 
@@ -53,23 +55,6 @@ class Layer:
 def _packet(node: fx.Node):
     target = node.target
     return getattr(target, "overloadpacket", target) if node.op == "call_function" else None
-
-
-def arg(node: fx.Node, name: str, default: Any = None) -> Any:
-    """Argument ``name`` of an ATen call by its schema (positional or keyword, default filled in), else ``default``."""
-    target = node.target
-    schema = getattr(target, "_schema", None)
-    if schema is None:
-        return node.kwargs.get(name, default)
-    for i, a in enumerate(schema.arguments):
-        if a.name != name:
-            continue
-        if i < len(node.args):
-            return node.args[i]
-        if name in node.kwargs:
-            return node.kwargs[name]
-        return a.default_value if a.has_default_value() else default
-    return default
 
 
 def weight_source(value: Any) -> fx.Node | None:

@@ -18,7 +18,7 @@ import torch.fx as fx
 
 import graphopt.kernels  # noqa: F401  (registers torch.ops.graphopt.act_sparse_linear)
 from graphopt import distributed
-from graphopt.graph_utils import free_attr_name, is_op, owner_and_leaf, remove_dead_nodes, remove_unused_attrs
+from graphopt.graph_utils import arg, free_attr_name, is_op, owner_and_leaf, remove_dead_nodes, remove_unused_attrs
 from graphopt.inputs import ExampleInputs
 from graphopt.layers import layer_name
 from graphopt.pass_base import Context, Pass, PassResult
@@ -101,7 +101,7 @@ class ActivationSparsity(Pass):
         qualified = free_attr_name(gm, f"{node.args[1].target}_t")
         owner, leaf = owner_and_leaf(gm, qualified)
         owner.register_buffer(leaf, weight.t().contiguous())
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        bias = arg(node, "bias")
         with gm.graph.inserting_before(node):
             wt = gm.graph.get_attr(qualified)
             y = gm.graph.call_function(torch.ops.graphopt.act_sparse_linear.default,

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from graphopt.graph_utils import (
-    attr_value, free_attr_name, is_op, remove_dead_nodes, remove_unused_attrs, set_parameter,
+    arg, attr_value, free_attr_name, is_op, remove_dead_nodes, remove_unused_attrs, set_parameter,
 )
 from graphopt.layers import CONV_TRANSPOSES, CONVS, is_shared, layer_name
 from graphopt.pass_base import Context, Pass, PassResult
@@ -55,7 +55,7 @@ def _as_batch_norm(node: fx.Node) -> _BatchNorm | None:
 def _out_channel_scale(weight: torch.Tensor, scale: torch.Tensor, layer: fx.Node) -> torch.Tensor:
     """Multiply ``weight`` by ``scale`` along its output channels (dim 1 per group for transposed convs)."""
     if is_op(layer, *CONV_TRANSPOSES):
-        groups = int(layer.args[6]) if len(layer.args) > 6 else 1
+        groups = int(arg(layer, "groups", 1))
         w = weight.reshape(groups, weight.shape[0] // groups, *weight.shape[1:])
         s = scale.reshape(groups, 1, -1, *([1] * (weight.dim() - 2)))
         return (w * s).reshape(weight.shape)
@@ -83,7 +83,7 @@ class Fuse(Pass):
             return "batch_norm runs in training mode"
         if len(layer.users) != 1:
             return f"output has {len(layer.users)} users, folding would change the others"
-        params = [layer.args[1], layer.args[2] if len(layer.args) > 2 else None, bn.weight, bn.bias, bn.mean, bn.var]
+        params = [layer.args[1], arg(layer, "bias"), bn.weight, bn.bias, bn.mean, bn.var]
         if any(p is not None and (not isinstance(p, fx.Node) or p.op != "get_attr") for p in params):
             return "weights are computed in the graph, not stored parameters"
         if any(is_shared(p) for p in params[:2] if p is not None):
@@ -97,7 +97,7 @@ class Fuse(Pass):
     def _fold(gm: fx.GraphModule, layer: fx.Node, bn: _BatchNorm) -> None:
         w_node = layer.args[1]
         w = attr_value(gm, w_node)
-        b = attr_value(gm, layer.args[2]) if len(layer.args) > 2 else None
+        b = attr_value(gm, arg(layer, "bias"))
         f64 = lambda t: None if t is None else t.detach().to(torch.float64)  # noqa: E731
         mean, var = f64(attr_value(gm, bn.mean)), f64(attr_value(gm, bn.var))
         gamma = f64(attr_value(gm, bn.weight)) if bn.weight is not None else torch.ones_like(mean)
@@ -107,7 +107,7 @@ class Fuse(Pass):
         new_b = (((f64(b) if b is not None else torch.zeros_like(mean)) - mean) * scale + beta).to(w.dtype)
         set_parameter(gm, w_node.target, new_w)
         if b is not None:
-            set_parameter(gm, layer.args[2].target, new_b)
+            set_parameter(gm, arg(layer, "bias").target, new_b)
         else:  # the layer had no bias: add one next to its weight
             owner = w_node.target.rpartition(".")[0]
             bias_name = free_attr_name(gm, f"{owner}.bias" if owner else "bias")

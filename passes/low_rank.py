@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from graphopt.errors import PipelineError
-from graphopt.graph_utils import is_op, remove_dead_nodes, remove_unused_attrs, resolve, set_parameter
+from graphopt.graph_utils import arg, is_op, remove_dead_nodes, remove_unused_attrs, resolve, set_parameter
 from graphopt.layers import CONVS, shared_weights
 from graphopt.pass_base import Context, Pass, PassResult
 from graphopt.patterns import matches_any
@@ -57,7 +57,7 @@ def _param(node) -> str | None:
 def _as_layer(gm: fx.GraphModule, node: fx.Node) -> _Layer | None:
     """The layer behind ``node`` if it is a plain linear, addmm or ungrouped conv with a stored weight."""
     if is_op(node, aten.linear) and _param(node.args[1]):
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        bias = arg(node, "bias")
         w = resolve(gm, node.args[1].target)
         return _Layer(node, node.args[0], node.args[1].target, w, bias, None) if w.dim() == 2 else None
     if is_op(node, aten.addmm) and not node.kwargs and len(node.args) == 3:

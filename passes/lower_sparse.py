@@ -26,7 +26,7 @@ import torch.fx as fx
 import torch.nn.utils.parametrize as parametrize
 
 from graphopt.graph_utils import (
-    attr_value, free_attr_name, is_op, owner_and_leaf, remove_dead_nodes, remove_unused_attrs,
+    arg, attr_value, free_attr_name, is_op, owner_and_leaf, remove_dead_nodes, remove_unused_attrs,
 )
 import graphopt.kernels  # noqa: F401  (registers torch.ops.graphopt.sparse_linear)
 from graphopt.kernels.choose import choose_format
@@ -94,7 +94,7 @@ def _as_layer(gm: fx.GraphModule, node: fx.Node):
         weight = constant_weight(gm, node.args[1])
         if weight is None or (is_op(node, aten.conv2d) and not _is_pointwise_conv(node, weight)):
             return None
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        bias = arg(node, "bias")
         return node.args[0], weight.detach().reshape(weight.shape[0], -1), bias, is_op(node, aten.conv2d)
     if (is_op(node, aten.addmm) and len(node.args) == 3 or is_op(node, aten.mm)) and not node.kwargs:
         bias, x, w = node.args if is_op(node, aten.addmm) else (None, *node.args)

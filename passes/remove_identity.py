@@ -13,7 +13,7 @@ from typing import Callable, ClassVar
 import torch
 import torch.fx as fx
 
-from graphopt.graph_utils import is_op, replace_with
+from graphopt.graph_utils import arg, is_op, replace_with
 from graphopt.pass_base import Context, Pass, PassResult
 from graphopt.registry import register_pass
 
@@ -21,8 +21,7 @@ aten = torch.ops.aten
 
 
 def _eval_dropout(n: fx.Node) -> bool:
-    train = n.args[2] if len(n.args) > 2 else n.kwargs.get("train", True)
-    return train is False
+    return arg(n, "train", True) is False
 
 
 def _converts_nothing(n: fx.Node) -> bool:

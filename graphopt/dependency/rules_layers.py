@@ -9,14 +9,9 @@ import torch.fx as fx
 
 from graphopt.dependency.keys import product, split
 from graphopt.dependency.walk import Walk, register_rule, shape, value_keys
+from graphopt.graph_utils import arg
 
 aten = torch.ops.aten
-
-
-def _arg(node: fx.Node, i: int, name: str, default=None):
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
 
 
 def _groups_index(node: fx.Node) -> int:
@@ -46,9 +41,9 @@ def _is_transposed(node: fx.Node) -> bool:
 def conv(w: Walk, node: fx.Node):
     """Input channels = weight's in-dim; output channels = weight's out-dim (and bias); groups factor both."""
     x, wt = w.keys(node.args[0]), w.keys(node.args[1])
-    bias = w.keys(_arg(node, 2, "bias"))
+    bias = w.keys(arg(node, "bias"))
     transposed = _is_transposed(node)
-    groups = int(_arg(node, _groups_index(node), "groups", 1))
+    groups = int(arg(node, "groups", 1))
     name = node.name
     in_dim, out_dim = (0, 1) if transposed else (1, 0)
     channels = w.dk(x, 1)
@@ -73,7 +68,7 @@ def conv(w: Walk, node: fx.Node):
 @register_rule(aten.linear)
 def linear(w: Walk, node: fx.Node):
     """y = x W^T + b over the last dim."""
-    x, wt, bias = w.keys(node.args[0]), w.keys(node.args[1]), w.keys(_arg(node, 2, "bias"))
+    x, wt, bias = w.keys(node.args[0]), w.keys(node.args[1]), w.keys(arg(node, "bias"))
     w.bind(wt, 1, w.dk(x, -1), node.name)
     out = w.dk(wt, 0)
     if bias is not None:
@@ -139,7 +134,7 @@ def _sdpa_scale_rewrite(node: fx.Node, resized) -> None:
 def sdpa(w: Walk, node: fx.Node):
     """softmax(q k^T) v: q/k share head_dim, k/v share length, batch and head dims broadcast (GQA: heads fixed)."""
     q, k, v = (w.keys(a) for a in node.args[:3])
-    mask = w.keys(_arg(node, 3, "attn_mask"))
+    mask = w.keys(arg(node, "attn_mask"))
     name = node.name
     w.unify(w.dk(q, -1), w.dk(k, -1), f"{name} (q/k head_dim)")
     w.unify(w.dk(k, -2), w.dk(v, -2), f"{name} (k/v length)")
@@ -194,7 +189,7 @@ def layer_norm(w: Walk, node: fx.Node):
     """Normalizes (and scales) over the last len(normalized_shape) dims."""
     x = w.keys(node.args[0])
     k = len(node.args[1])
-    for p in (w.keys(_arg(node, 2, "weight")), w.keys(_arg(node, 3, "bias")) if node.target != aten.rms_norm.default
+    for p in (w.keys(arg(node, "weight")), w.keys(arg(node, "bias")) if node.target != aten.rms_norm.default
               else None):
         if p is not None:
             for i in range(k):
@@ -213,7 +208,7 @@ def group_norm(w: Walk, node: fx.Node):
     """Per-channel affine parameters; with 1 < groups < channels the groups must stay equal, so channels freeze."""
     x = w.keys(node.args[0])
     channels = w.dk(x, 1)
-    for a in (_arg(node, 2, "weight"), _arg(node, 3, "bias")):
+    for a in (arg(node, "weight"), arg(node, "bias")):
         p = w.keys(a)
         if p is not None:
             w.bind(p, 0, channels, node.name)

@@ -10,6 +10,7 @@ import torch.fx as fx
 
 from graphopt.dependency.keys import TensorKeys, product, split
 from graphopt.dependency.walk import Walk, register_rule, shape, value_keys
+from graphopt.graph_utils import arg
 
 aten = torch.ops.aten
 
@@ -117,7 +118,7 @@ def cat(w: Walk, node: fx.Node):
     """The cat dim lists every input's keys in turn; the other dims are shared."""
     parts = [w.keys(t) for t in node.args[0]]
     parts = [p for p in parts if p is not None and p.sizes and math.prod(p.sizes) > 0]
-    dim = int(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % len(parts[0].dims)
+    dim = int(arg(node, "dim", 0)) % len(parts[0].dims)
     dims = []
     for d in range(len(parts[0].dims)):
         if d == dim:
@@ -134,7 +135,7 @@ def cat(w: Walk, node: fx.Node):
 def stack(w: Walk, node: fx.Node):
     """Inputs share every dim; the new dim indexes the inputs (fixed)."""
     parts = [w.keys(t) for t in node.args[0]]
-    dim = int(node.args[1] if len(node.args) > 1 else 0) % (len(parts[0].dims) + 1)
+    dim = int(arg(node, "dim", 0)) % (len(parts[0].dims) + 1)
     dims = [w.dk(parts[0], d) for d in range(len(parts[0].dims))]
     for p in parts[1:]:
         for d in range(len(dims)):
@@ -160,8 +161,7 @@ def _split_sizes_rewrite(node: fx.Node, resized) -> None:
 
 def _split_dim(node: fx.Node) -> int:
     ndim = len(node.args[0].meta["tensor_meta"].shape)
-    default = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-    return int(default) % ndim
+    return int(arg(node, "dim", 0)) % ndim
 
 
 @register_rule(aten.split, aten.split_with_sizes, aten.chunk, aten.tensor_split, rewrite=_split_sizes_rewrite)
@@ -195,7 +195,7 @@ def _couple_equal_parts(w: Walk, keys, sizes: list[int], label: str) -> None:
 def unbind(w: Walk, node: fx.Node):
     """Each output is one index of the unbound dim: that dim is fixed."""
     x = w.keys(node.args[0])
-    dim = int(node.args[1] if len(node.args) > 1 else 0) % len(x.dims)
+    dim = int(arg(node, "dim", 0)) % len(x.dims)
     w.freeze_keys(w.dk(x, dim), f"{node.name}: unbind returns one tensor per index")
     rest = [w.dk(x, d) for d in range(len(x.dims)) if d != dim]
     return tuple(w.tensor(rest, node.name) for _ in range(x.sizes[dim]))
@@ -211,10 +211,7 @@ def select(w: Walk, node: fx.Node):
 
 
 def _slice_bounds(node: fx.Node, size: int) -> tuple[int, int, int, int]:
-    dim = int(node.args[1]) if len(node.args) > 1 else 0
-    start = node.args[2] if len(node.args) > 2 else None
-    end = node.args[3] if len(node.args) > 3 else None
-    step = int(node.args[4]) if len(node.args) > 4 else 1
+    dim, start, end, step = int(arg(node, "dim", 0)), arg(node, "start"), arg(node, "end"), int(arg(node, "step", 1))
     start, end, _ = slice(start if isinstance(start, int) else None,
                           end if isinstance(end, int) else None).indices(size)
     return dim, start, end, step
@@ -229,7 +226,7 @@ def _slice_rewrite(node: fx.Node, resized) -> None:
         return  # bounds computed at run time (a sequence length): the rule froze this dim
     x = node.args[0]
     old = tuple(int(s) for s in x.meta["tensor_meta"].shape)
-    dim, start, end, step = _slice_bounds(node, old[int(node.args[1]) % len(old)] if len(node.args) > 1 else old[0])
+    dim, start, end, step = _slice_bounds(node, old[int(arg(node, "dim", 0)) % len(old)])
     dim %= len(old)
     kept = resized.kept_rows(x, dim)
     if kept is None or bool(kept.all()):
@@ -243,7 +240,7 @@ def _slice_rewrite(node: fx.Node, resized) -> None:
 def slice_rule(w: Walk, node: fx.Node):
     """A consecutive run of a dim's keys (a strided slice fixes the dim)."""
     x = w.keys(node.args[0])
-    dim, start, end, step = _slice_bounds(node, x.sizes[int(node.args[1]) % len(x.dims) if len(node.args) > 1 else 0])
+    dim, start, end, step = _slice_bounds(node, x.sizes[int(arg(node, "dim", 0)) % len(x.dims)])
     dim %= len(x.dims)
     keys = w.dk(x, dim)
     if _symbolic_bounds(node):
@@ -267,7 +264,7 @@ def _repeat_interleave_rewrite(node: fx.Node, resized) -> None:
 def repeat_interleave(w: Walk, node: fx.Node):
     """Index (i, r) of the output repeats index i: a product with a new 'repeat' atom (GQA head sharing)."""
     x = w.keys(node.args[0])
-    dim_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    dim_arg = arg(node, "dim")
     if x is None or not isinstance(node.args[1], int) or dim_arg is None:
         return _freeze_through(w, node)
     dim = int(dim_arg) % len(x.dims)

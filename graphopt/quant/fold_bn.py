@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from graphopt.graph_utils import attr_value, is_op, remove_dead_nodes, remove_unused_attrs, set_parameter
+from graphopt.graph_utils import arg, attr_value, is_op, remove_dead_nodes, remove_unused_attrs, set_parameter
 from graphopt.layers import CONVS
 from graphopt.quant.quantizer import FakeQuantize
 
@@ -132,7 +132,7 @@ def simulate_folding(gm: fx.GraphModule) -> list[str]:
         _x, gamma, _beta, _mean, var, training, _m, eps = _bn_args(bn)
         if training:
             continue
-        bias = conv.args[2] if len(conv.args) > 2 else None
+        bias = arg(conv, "bias")
         g = gm.graph
         with g.inserting_before(wq):
             factor = g.call_function(bn_factor, (gamma, var, eps))
