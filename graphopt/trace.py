@@ -14,6 +14,7 @@ import inspect
 import io
 import logging
 import re
+import time
 import warnings
 from typing import Any, Iterator, Literal, Sequence
 
@@ -77,7 +78,9 @@ def trace(
     gm = hf.install(gm) if hf else gm
     gm.meta["graphopt_capture"] = route
     gm.meta["graphopt_hf_model"] = hf is not None  # passes that keep HF configs describable read it
+    start = time.perf_counter()
     outputs = propagate(gm, inputs)
+    gm.meta["graphopt_real_run_seconds"] = time.perf_counter() - start  # the manager picks real or fake runs by it
     _check_reproduces(model, reference, outputs, route)
     return gm
 
