@@ -67,7 +67,8 @@ class PruneChannels(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         _check_patterns(gm, self.ignore + tuple(p for p, _ in self.ratios))
-        before = _layer_shapes(gm)
+        weights = _layer_weights(gm)
+        before = _shapes(gm, weights)
         removed_total, pruned_groups = 0, 0
         step_keep = (1 - self.ratio) ** (1 / self.steps)
         for step in range(self.steps):
@@ -83,7 +84,7 @@ class PruneChannels(Pass):
                 self.finetune(gm, step)
         return PassResult(gm, modified=removed_total > 0, stats={
             "groups_pruned": pruned_groups, "params_removed": removed_total, "steps": self.steps},
-            decisions=_shape_decisions(before, _layer_shapes(gm), self.ignore))
+            decisions=_shape_decisions(before, _shapes(gm, weights), self.ignore))
 
     def plan(self, gm: fx.GraphModule, dep: DependencyGraph, ctx: Context, ratio: float) -> dict:
         """Which channels of which groups to remove at this ``ratio``."""
@@ -182,8 +183,14 @@ def _warn_unknown(dep: DependencyGraph) -> None:
                       GraphoptWarning, stacklevel=2)
 
 
-def _layer_shapes(gm: fx.GraphModule) -> dict[str, tuple[int, ...]]:
-    return {layer.name: tuple(resolve(gm, layer.weight.target).shape) for layer in layers(gm) if layer.weight is not None}
+def _layer_weights(gm: fx.GraphModule) -> dict[str, str]:
+    """Layer name -> the qualified name of its stored weight (the layer view, read once per pass)."""
+    return {layer.name: layer.weight.target for layer in layers(gm) if layer.weight is not None}
+
+
+def _shapes(gm: fx.GraphModule, weights: dict[str, str]) -> dict[str, tuple[int, ...]]:
+    tensors = {**dict(gm.named_buffers()), **dict(gm.named_parameters(remove_duplicate=False))}
+    return {name: tuple((tensors[t] if t in tensors else resolve(gm, t)).shape) for name, t in weights.items()}
 
 
 def _shape_decisions(before: dict, after: dict, ignore: tuple) -> dict[str, str]:

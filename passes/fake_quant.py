@@ -107,7 +107,7 @@ class FakeQuant(Pass):
                  "skipped": plan.skipped, "kept_float_ops": plan.kept_float}
         stats.update(self._mixed_precision(gm, plan, owners, batches))
         stats["activation_quantizers"] = sum(q.role == "activation" for q in quantizers(gm).values())
-        gm.graph.lint()
+        gm.graph.lint()  # the manager does this too; a direct call of run() must also get a runnable module
         gm.recompile()
         return PassResult(gm, modified=True, stats=stats, decisions=self._decisions(plan, stats))
 

@@ -95,6 +95,8 @@ class Fuse(Pass):
 
     @staticmethod
     def _fold(gm: fx.GraphModule, layer: fx.Node, bn: _BatchNorm) -> None:
+        # not torch.nn.utils.fusion.fuse_conv_bn_weights: it folds in the weights' dtype (here: float64, then cast)
+        # and its transpose=True scale is wrong for grouped transposed convs (weight (in, out/groups, ...))
         w_node = layer.args[1]
         w = attr_value(gm, w_node)
         b = attr_value(gm, arg(layer, "bias"))
