@@ -14,6 +14,7 @@ changed: the write-back works on a deep copy.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import torch.nn as nn
 
 from graphopt.diagnose import module_stack, short_reason
 from graphopt.errors import GraphoptWarning, WritebackError
+from graphopt.graph_module import GraphoptModule
 from graphopt.graph_utils import owner_and_leaf, resolve
 from graphopt.inputs import ExampleInputs
 from graphopt.writeback_sizes import SizeChanges, op_constants, update_sizes
@@ -148,7 +150,26 @@ def _update_config(model: nn.Module, deleted: list[tuple[str, int]]) -> None:
 
 def check_against_graph(model: nn.Module, gm: fx.GraphModule, inputs: ExampleInputs,
                         changes: SizeChanges) -> None:
-    """The written-back model must compute what the graph computes, at the example batch and at another one."""
+    """The written-back model must compute what the graph computes, at the example batch and at another one, both
+    in eval mode (the graph is switched for the check, when the user left it training, and switched back)."""
+    with _in_eval(gm):
+        _compare_outputs(model, gm, inputs, changes)
+
+
+@contextlib.contextmanager
+def _in_eval(gm: fx.GraphModule):
+    training = gm.training
+    switchable = isinstance(gm, GraphoptModule)  # a plain torch.export module's graph fixes its mode
+    if training and switchable:
+        gm.eval()
+    try:
+        yield
+    finally:
+        if training and switchable:
+            gm.train()
+
+
+def _compare_outputs(model: nn.Module, gm: fx.GraphModule, inputs: ExampleInputs, changes: SizeChanges) -> None:
     for batch in _check_batches(gm, inputs):
         with torch.no_grad():
             want = _comparable(batch.call(gm))

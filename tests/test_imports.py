@@ -72,4 +72,5 @@ def test_every_module_imports():
     for name in sorted(_modules()):
         if name.endswith("__main__"):  # runs the command line
             continue
-        importlib.import_module(name)
+        module = importlib.import_module(name)
+        assert module.__name__ == name and module.__doc__, f"{name} imports but has no docstring"

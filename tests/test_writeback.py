@@ -230,3 +230,17 @@ def test_to_model_of_a_loaded_result_points_to_result_module(tmp_path):
     loaded = graphopt.load(tmp_path / "m.pt")
     with pytest.raises(WritebackError, match="needs the result of graphopt.optimize in this process"):
         loaded.to_model()
+
+
+def test_to_model_of_a_result_left_in_training_mode_checks_in_eval_and_restores_the_mode():
+    from graphopt.examples import example_model
+
+    model, inputs = example_model()
+    res = graphopt.optimize(model, "prune-channels:ratio=0.5", inputs)
+    res.module.train()  # the user trained result.module and did not switch it back
+    written = res.to_model()
+    assert res.module.training and type(written) is type(model)
+    res.module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(written.eval()(*inputs if isinstance(inputs, tuple) else (inputs,)),
+                                   res.module(*inputs if isinstance(inputs, tuple) else (inputs,)))
