@@ -33,16 +33,13 @@ from torch.export import Dim
 
 import graphopt.quant.onnx_qdq  # noqa: F401  (registers the QDQ int8 format)
 from graphopt.errors import GraphoptError, GraphoptWarning, InputError
-from graphopt.export_formats import ExportFormat, format_for
+from graphopt.export_formats import format_for
 from graphopt.graph_module import GraphoptModule
 from graphopt.inputs import ExampleInputs
 from graphopt.onnx_io import (
     FlatIO, count_qdq, ensure_fake_quant_meta_kernels, set_batch_dim_name, strip_initializer_prefix,
 )
-from graphopt.onnx_verify import (
-    compare, integer_kernel_count, other_batch, ort_session, raise_if_disagrees, raise_if_noisy, run_ort,
-    signal_to_noise, top1_agreement,
-)
+from graphopt.onnx_verify import verify_file
 
 Exporter = Literal["dynamo", "legacy"]
 
@@ -156,9 +153,7 @@ def export_onnx(
     verified: tuple[int, ...] = ()
     quality: dict = {}
     if verify:
-        errors, verified, quality = _verify(path, flat, batched, fmt, rtol, atol, min_sqnr)
-        if fmt.check == "sqnr":
-            quality["integer_kernels"] = integer_kernel_count(path)
+        errors, verified, quality = verify_file(path, flat, batched, fmt.check, rtol, atol, min_sqnr)
     return ExportReport(
         path=path, exporter=exporter, opset=_opset(proto), input_names=tuple(flat.input_names),
         output_names=tuple(flat.output_names), dynamic_batch=any(batched), nodes_exported=nodes_exported,
@@ -368,45 +363,6 @@ def _save(proto, path: str) -> None:
         onnx.save_model(proto, path, save_as_external_data=big, location=os.path.basename(path) + ".data")
     except OSError as e:
         raise ExportError(f"cannot write the ONNX file to '{path}': {e.strerror or e}; choose a writable path") from e
-
-
-def _verify(path: str, flat: FlatIO, batched: list[bool], fmt: ExportFormat, rtol: float, atol: float,
-            min_sqnr: float | None):
-    """Run the written file in onnxruntime on the example batch and, if dynamic, on batch + 1; judge it as the
-    format says (elementwise, or SQNR and top-1 agreement)."""
-    batches = [(flat.tensors, flat.reference)]
-    if any(batched):
-        size = next(t.shape[0] for t, b in zip(flat.tensors, batched) if b)
-        extra = other_batch(flat.tensors, batched, size + 1)
-        batches.append((extra, flat.call(extra)))
-    session = ort_session(path)
-    try:
-        worst_abs = worst_rel = 0.0
-        sizes, sqnrs, agree = [], [], []
-        for tensors, want in batches:
-            got = run_ort(session, flat.input_names, tensors)
-            sizes.append(next((t.shape[0] for t, b in zip(tensors, batched) if b), _batch_of(tensors)))
-            errors = compare(flat.output_names, got, want, rtol, atol, sizes[-1])
-            if fmt.check == "sqnr":
-                sqnrs.append(signal_to_noise(got, want))
-                agree.append(top1_agreement(got, want))
-                if min_sqnr is not None:
-                    raise_if_noisy(sqnrs[-1], sizes[-1], min_sqnr)
-            else:
-                raise_if_disagrees(errors, sizes[-1], rtol, atol)
-            worst_abs = max([worst_abs] + [e.max_abs for e in errors])
-            worst_rel = max([worst_rel] + [e.max_rel for e in errors])
-    finally:
-        del session  # one live session at a time: an idle one keeps a spinning thread
-    quality = {}
-    if sqnrs:
-        known = [a for a in agree if a is not None]
-        quality = {"sqnr_db": min(sqnrs), "top1_agreement": min(known) if known else None}
-    return (worst_abs, worst_rel), tuple(sizes), quality
-
-
-def _batch_of(tensors) -> int:
-    return next((t.shape[0] for t in tensors if t.dim()), 1)
 
 
 def _opset(proto) -> int:

@@ -191,3 +191,44 @@ def integer_kernel_count(path: str) -> int:
     with tempfile.TemporaryDirectory() as folder:
         counts = ort_kernel_counts(path, os.path.join(folder, "optimized.onnx"))
     return sum(n for op, n in counts.items() if op in INTEGER_KERNELS)
+
+
+def verify_file(path: str, flat, batched: Sequence[bool], check: str, rtol: float, atol: float,
+                min_sqnr: float | None):
+    """Run the written file in onnxruntime on the example batch and, if dynamic, on batch + 1 (``flat``: the
+    exporter's FlatIO); judge it as the format says: ``check`` "elementwise", or "sqnr" (SQNR, top-1 agreement,
+    and the integer kernels onnxruntime runs). Returns ((max abs, max rel), batch sizes, quantized figures)."""
+    batches = [(flat.tensors, flat.reference)]
+    if any(batched):
+        size = next(t.shape[0] for t, b in zip(flat.tensors, batched) if b)
+        extra = other_batch(flat.tensors, batched, size + 1)
+        batches.append((extra, flat.call(extra)))
+    session = ort_session(path)
+    try:
+        worst_abs = worst_rel = 0.0
+        sizes, sqnrs, agree = [], [], []
+        for tensors, want in batches:
+            got = run_ort(session, flat.input_names, tensors)
+            sizes.append(next((t.shape[0] for t, b in zip(tensors, batched) if b), _batch_of(tensors)))
+            errors = compare(flat.output_names, got, want, rtol, atol, sizes[-1])
+            if check == "sqnr":
+                sqnrs.append(signal_to_noise(got, want))
+                agree.append(top1_agreement(got, want))
+                if min_sqnr is not None:
+                    raise_if_noisy(sqnrs[-1], sizes[-1], min_sqnr)
+            else:
+                raise_if_disagrees(errors, sizes[-1], rtol, atol)
+            worst_abs = max([worst_abs] + [e.max_abs for e in errors])
+            worst_rel = max([worst_rel] + [e.max_rel for e in errors])
+    finally:
+        del session  # one live session at a time: an idle one keeps a spinning thread
+    quality = {}
+    if sqnrs:
+        known = [a for a in agree if a is not None]
+        quality = {"sqnr_db": min(sqnrs), "top1_agreement": min(known) if known else None,
+                   "integer_kernels": integer_kernel_count(path)}
+    return (worst_abs, worst_rel), tuple(sizes), quality
+
+
+def _batch_of(tensors) -> int:
+    return next((t.shape[0] for t in tensors if t.dim()), 1)
