@@ -39,10 +39,9 @@ class ExportFormat:
     prepare: Callable[[nn.Module], nn.Module] = _same
     rewrite: Callable[[object], dict] = _no_rewrite  # ModelProto -> stats for the report (ints only)
     check: Literal["elementwise", "sqnr"] = "elementwise"
-    describe: str = ""  # one line for the report and docs
 
 
-FLOAT = ExportFormat("float", lambda module: True, describe="float weights, checked elementwise")
+FLOAT = ExportFormat("float", lambda module: True)  # float weights, checked elementwise
 _FORMATS: list[ExportFormat] = []
 
 

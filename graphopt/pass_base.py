@@ -114,7 +114,6 @@ class Context:
         self.calib_data = calib_data
         self.gm: fx.GraphModule | None = None  # the graph the running pass was given (set by the manager)
         self._analyses: dict[type, tuple[weakref.ref, Any]] = {}
-        self.computed: list[tuple[str, str]] = []  # (analysis, pass it was computed for): what the report shows
 
     def analysis(self, kind: type, gm: fx.GraphModule | None = None) -> Any:
         """``kind(gm, ctx)`` for ``gm`` (default: the graph the running pass was given), computed once per graph
@@ -127,8 +126,6 @@ class Context:
             return cached[1]
         value = kind(gm, self)
         self._analyses[kind] = (weakref.ref(gm), value)
-        running = _RUNNING.get()
-        self.computed.append((kind.__name__, running.name if running is not None else "<manager>"))
         return value
 
     def cached(self, kind: type, gm: fx.GraphModule) -> bool:

@@ -44,8 +44,7 @@ def _rewrite(proto) -> dict:
 
 QDQ = register_format(ExportFormat(
     "qdq-int8", applies=lambda module: isinstance(module, fx.GraphModule) and bool(quantizers(module)),
-    prepare=_prepare, rewrite=_rewrite, check="sqnr",
-    describe="QuantizeLinear/DequantizeLinear pairs, int8 weight initializers, judged by SQNR and top-1 agreement"))
+    prepare=_prepare, rewrite=_rewrite, check="sqnr"))  # QDQ pairs, int8 weight initializers, judged by SQNR
 
 
 def store_int8_weights(proto) -> int:
