@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import graphopt  # noqa: E402
 from benchkit import geomean, provenance, publish  # noqa: E402
 from big_models import build as build_cnn  # noqa: E402
-from graphopt.inputs import ExampleInputs, flat_outputs  # noqa: E402
+from graphopt.graph.inputs import ExampleInputs, flat_outputs  # noqa: E402
 from graphopt.quant import sqnr_db  # noqa: E402
 
 WARMUP = 5

@@ -2,7 +2,7 @@
 
 For each zoo model: run the pipeline (default ``prune-channels:ratio=0.5,fuse``) on the zoo's batch-2 inputs,
 export with ``graphopt.export_onnx`` (dynamic batch, onnxsim, onnxruntime verification at batch 2 and 3), then time
-the lowered torch module (``graphopt.lower``) and the onnxruntime session on batch-1 inputs, interleaved round by round
+the lowered torch module (``graphopt.streamline``) and the onnxruntime session on batch-1 inputs, interleaved round by round
 (``graphopt.paired_latency``), both at the same fixed thread count (2, then 1: on a loaded 2-core machine a
 2-thread OpenMP region stalls when a thread is descheduled, so the 1-thread figures are the steadier ones). Only
 one onnxruntime session is alive at a time: an idle session keeps a spinning worker thread that would slow
@@ -28,9 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import graphopt  # noqa: E402
-from graphopt.inputs import ExampleInputs  # noqa: E402
-from graphopt.onnx_io import FlatIO  # noqa: E402
-from graphopt.onnx_verify import ort_session  # noqa: E402
+from graphopt.graph.inputs import ExampleInputs  # noqa: E402
+from graphopt.export.onnx_io import FlatIO  # noqa: E402
+from graphopt.export.onnx_verify import ort_session  # noqa: E402
 from models import NAMES, build  # noqa: E402
 from benchkit import geomean, provenance, publish  # noqa: E402
 
@@ -68,7 +68,7 @@ def bench_model(name: str, passes: str, threads: list[int], repeats: int, folder
     path = f"{folder}/{name}.onnx"
     report = graphopt.export_onnx(result.module, case.example_inputs, path)
     inputs = first_row(case.example_inputs)
-    lowered = graphopt.lower(result.module, inputs)
+    lowered = graphopt.streamline(result.module, inputs)
     flat = FlatIO(lowered, ExampleInputs.of(inputs))  # the flat, named feeds export_onnx verified with
     feeds = {n: t.numpy() for n, t in zip(flat.input_names, flat.tensors)}
     call = ExampleInputs.of(inputs).call
@@ -154,7 +154,7 @@ def header(args: argparse.Namespace, load_note: str) -> str:
         "exporter, dynamic batch, onnxsim), exported and verified at the zoo's batch 2 and at 3",
         f"- timing: batch 1, {args.threads} threads (each count for torch and onnxruntime alike), "
         f"{args.repeats} interleaved rounds after {WARMUP} warmup calls each, medians; torch runs the "
-        "`graphopt.lower`ed module",
+        "`graphopt.streamline`ed module",
         load_note,
     )
 

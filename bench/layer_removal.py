@@ -3,7 +3,7 @@
 
 The blocks are ranked once on calibration batches of the original model, then for k = 0, 1, 2 ... the k
 lowest-scoring blocks are removed (``RemoveLayers(blocks=...)`` on a copy of one traced graph) and the result is
-lowered (``graphopt.lower``). All variants of a model are timed interleaved round by round
+lowered (``graphopt.streamline``). All variants of a model are timed interleaved round by round
 (``graphopt.paired_latency``), medians of ``--repeats`` rounds, batch 1, a fixed thread count. The output error is
 ||y_k - y|| / ||y|| on a held-out batch (for Llama also the share of positions whose top-1 next token is unchanged).
 Weights are seeded random (no downloads), so the error column shows how the graph degrades, not task accuracy.
@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import graphopt  # noqa: E402
 from benchkit import provenance, publish  # noqa: E402
-from graphopt.blocks import find_blocks  # noqa: E402
+from graphopt.analysis.blocks import find_blocks  # noqa: E402
 from graphopt.passes.remove_layers import RemoveLayers  # noqa: E402
-from graphopt.shapes import propagate  # noqa: E402
+from graphopt.graph.shapes import propagate  # noqa: E402
 from util import outputs  # noqa: E402
 
 COLUMNS = ("removed", "last block removed", "score", "params", "GMACs", "ms", "speedup", "rel. output error")
@@ -86,17 +86,17 @@ def variants(traced, example, order: list[tuple[str, float]], max_blocks: int):
             copy.deepcopy(traced), graphopt.Context(example))
         with torch.no_grad():
             macs = graphopt.count_macs(gm, example)
-        out.append((k, graphopt.lower(gm, example), macs))
+        out.append((k, graphopt.streamline(gm, example), macs))
     return out
 
 
 def bench_model(name: str, args) -> tuple[str, dict]:
     model, example, calib, held_out = MODELS[name](args)
     traced = graphopt.trace(model, example)
-    propagate(traced, graphopt.inputs.ExampleInputs.of(example), fake=True)
+    propagate(traced, graphopt.graph.inputs.ExampleInputs.of(example), fake=True)
     order = ranking(traced, example, calib, args.criterion)
     rows = variants(traced, example, order, args.max_blocks)
-    call = graphopt.inputs.ExampleInputs.of(example).call
+    call = graphopt.graph.inputs.ExampleInputs.of(example).call
     fns = {k: (lambda gm=gm: call(gm)) for k, gm, _ in rows}
     latency = graphopt.paired_latency(fns, warmup=3, repeats=args.repeats, threads=args.threads)
     want = outputs(model, held_out)[0]

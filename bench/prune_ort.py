@@ -3,7 +3,7 @@
 Depthwise-heavy nets (MobileNet, ShuffleNet, EfficientNet-style) are overhead-bound in eager mode: a narrower
 depthwise conv costs about as much Python/dispatcher time as a wide one. onnxruntime has no per-op Python overhead,
 so it shows how much of the cut a deployed model really keeps. For each model: prune at ``--ratio`` (L2, local),
-lower, export original and pruned with ``graphopt.export_onnx``; time eager torch (original vs pruned, interleaved)
+streamline, export original and pruned with ``graphopt.export_onnx``; time eager torch (original vs pruned, interleaved)
 and onnxruntime (one live session at a time, FACTS.md: alternate sessions round by round, ``--runs`` calls each).
 "real" = speedup / MAC-reduction factor.
 
@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import graphopt  # noqa: E402
 import big_models  # noqa: E402
 from benchkit import geomean, provenance, publish  # noqa: E402
-from graphopt.onnx_verify import ort_session  # noqa: E402
+from graphopt.export.onnx_verify import ort_session  # noqa: E402
 from models import CNN_NAMES, build  # noqa: E402
 
 DEFAULT_MODELS = ("resnet50", "mobilenet_v2", *CNN_NAMES)
@@ -77,10 +77,10 @@ def ort_medians(paths: dict[str, str], x: torch.Tensor, threads: int, rounds: in
 
 @torch.no_grad()
 def bench_model(name: str, args: argparse.Namespace, folder: str) -> dict:
-    """Prune, lower, export and time one model; returns its row."""
+    """Prune, streamline, export and time one model; returns its row."""
     model, inputs = load(name)
     res = graphopt.optimize(model, [f"prune-channels:ratio={args.ratio},importance=l2"], inputs)
-    pruned = graphopt.lower(res.module, inputs)
+    pruned = graphopt.streamline(res.module, inputs)
     macs = {"original": res.report.records[0].macs_before, "pruned": res.report.records[0].macs_after}
     paths = {}
     for key, module in (("original", model), ("pruned", pruned)):

@@ -32,7 +32,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "bench")]
 import big_models  # noqa: E402
 import graphopt  # noqa: E402
 from benchkit import provenance, publish  # noqa: E402
-from graphopt.pipeline import Context  # noqa: E402
+from graphopt.pipeline.manager import Context  # noqa: E402
 from graphopt.passes.channel_prune import PruneChannels  # noqa: E402
 from prune_zoo import final_layer  # noqa: E402
 
@@ -95,11 +95,11 @@ def bench_model(name: str, ratio: float, repeats: int) -> dict:
 
 
 # where one optimize() call spends its time: (module, function, label)
-_PARTS = (("graphopt.trace", "_run_eagerly", "eager reference run"),
-          ("graphopt.trace", "_export", "torch.export (with the size-1 guard probe)"),
-          ("graphopt.trace", "relax_size_one_guards", "of which: size-1 guard probe"),
-          ("graphopt.trace", "propagate", "capture check (graph run vs eager)"),
-          ("graphopt.pipeline.PassManager", "_graph_run", "manager: graph runs for the instruments"),
+_PARTS = (("graphopt.capture.tracing", "_run_eagerly", "eager reference run"),
+          ("graphopt.capture.tracing", "_export", "torch.export (with the size-1 guard probe)"),
+          ("graphopt.capture.tracing", "relax_size_one_guards", "of which: size-1 guard probe"),
+          ("graphopt.capture.tracing", "propagate", "capture check (graph run vs eager)"),
+          ("graphopt.pipeline.manager.PassManager", "_graph_run", "manager: graph runs for the instruments"),
           ("graphopt.api", "snapshot", "write-back snapshot"),
           ("graphopt.passes.channel_prune.PruneChannels", "run", "the prune-channels pass"))
 
@@ -113,7 +113,7 @@ def _timed(parts: dict):
         if ".PruneChannels" in where:
             owner = importlib.import_module("graphopt.passes.channel_prune").PruneChannels
         elif cls or where.endswith("PassManager"):
-            owner = importlib.import_module("graphopt.pipeline").PassManager
+            owner = importlib.import_module("graphopt.pipeline.manager").PassManager
         else:
             owner = importlib.import_module(where)
         original = owner.__dict__[name]

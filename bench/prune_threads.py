@@ -1,6 +1,6 @@
 """How much of the MAC reduction of channel pruning shows up as eager CPU speedup, by threads, round_to and layout.
 
-ResNet-50 (224x224, batch 1) pruned at ``--ratio`` with round_to 1, 8 and 16, lowered with ``graphopt.lower`` in
+ResNet-50 (224x224, batch 1) pruned at ``--ratio`` with round_to 1, 8 and 16, lowered with ``graphopt.streamline`` in
 the default (NCHW) layout and with ``memory_format="channels_last"`` (NHWC), and timed interleaved with the
 original in both layouts for each thread count. "speedup" and "real" (= speedup / MAC-reduction factor) compare
 each pruned model with the original in the same layout; "vs NCHW original" compares with the plain original.
@@ -40,13 +40,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def pruned_models(model, x, ratio: float) -> tuple[dict, dict]:
     """The original and one lowered pruned model per round_to, each in both layouts, with their MACs."""
     models = {("original", "NCHW"): model,
-              ("original", "NHWC"): graphopt.lower(graphopt.trace(model, (x,)), (x,), memory_format="channels_last")}
+              ("original", "NHWC"): graphopt.streamline(graphopt.trace(model, (x,)), (x,), memory_format="channels_last")}
     macs = {"original": graphopt.count_macs(model, (x,))}
     for r in ROUND_TO:
         res = graphopt.optimize(model, [f"prune-channels:ratio={ratio},round_to={r}"], (x,))
         name = f"round_to={r}"
-        models[(name, "NCHW")] = graphopt.lower(res.module, (x,))
-        models[(name, "NHWC")] = graphopt.lower(res.module, (x,), memory_format="channels_last")
+        models[(name, "NCHW")] = graphopt.streamline(res.module, (x,))
+        models[(name, "NHWC")] = graphopt.streamline(res.module, (x,), memory_format="channels_last")
         macs[name] = res.report.records[0].macs_after
     return models, macs
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"- torch: {torch.__version__}; ratio {args.ratio}; batch 1; {args.repeats} interleaved rounds")
     note = ("The share of the MAC cut that shows up as speedup falls with threads: the pruned convs are narrower, so "
             "each thread gets less work per op and synchronization weighs more. The NHWC layout "
-            "(`graphopt.lower(..., memory_format=\"channels_last\")`) is what oneDNN runs narrow convs best in.")
+            "(`graphopt.streamline(..., memory_format=\"channels_last\")`) is what oneDNN runs narrow convs best in.")
     publish(f"{head}\n\n" + "\n".join(lines) + f"\n\n{note}\n", args.out)
 
 

@@ -44,7 +44,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "bench")]
 import big_models  # noqa: E402
 import graphopt  # noqa: E402
 from benchkit import geomean, provenance, publish  # noqa: E402
-from graphopt.inputs import ExampleInputs, flat_outputs  # noqa: E402
+from graphopt.graph.inputs import ExampleInputs, flat_outputs  # noqa: E402
 from graphopt.passes.channel_prune import PruneChannels  # noqa: E402
 from models import NAMES, build  # noqa: E402
 
@@ -143,7 +143,7 @@ def prune_graphopt(model: nn.Module, inputs, ratio: float) -> tuple[nn.Module, f
     start = time.perf_counter()
     res = graphopt.optimize(model, [PruneChannels(ratio=ratio, importance="l2")], inputs)
     seconds = time.perf_counter() - start
-    return graphopt.lower(res.module, inputs), seconds, res.report.records[0].seconds
+    return graphopt.streamline(res.module, inputs), seconds, res.report.records[0].seconds
 
 
 def prune_tp(model: nn.Module, inputs, ratio: float) -> tuple[nn.Module, float, float]:
@@ -218,7 +218,7 @@ def latency_job(job: dict) -> dict:
     one = ExampleInputs.of(batch1(inputs))
     fns = {"orig": lambda: one.call(model)}
     if "graphopt" in job["tools"]:  # control: graphopt's traced graph with no pass, to separate tracing from pruning
-        fns["traced"] = lambda m=graphopt.lower(graphopt.optimize(model, [], inputs).module, inputs): one.call(m)
+        fns["traced"] = lambda m=graphopt.streamline(graphopt.optimize(model, [], inputs).module, inputs): one.call(m)
     for tool in job["tools"]:
         with torch.enable_grad():
             pruned = PRUNERS[tool](model, inputs, job["ratio"])[0]

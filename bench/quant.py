@@ -28,8 +28,9 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "bench")]
 import big_models  # noqa: E402
 import graphopt  # noqa: E402
 from benchkit import geomean, provenance, publish  # noqa: E402
-from graphopt.onnx_verify import ort_session  # noqa: E402
-from graphopt.quant import ort_kernel_counts, sqnr_db  # noqa: E402
+from graphopt.export.onnx_verify import ort_session  # noqa: E402
+from graphopt.export.onnx_verify import ort_kernel_counts  # noqa: E402
+from graphopt.quant import sqnr_db  # noqa: E402
 from models import CNN_NAMES, build  # noqa: E402
 from util import outputs, rebatch  # noqa: E402
 

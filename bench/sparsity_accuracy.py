@@ -25,7 +25,7 @@ import graphopt  # noqa: E402
 from benchkit import provenance, publish  # noqa: E402
 from digits import accuracy, train, trained_digits_cnn  # noqa: E402
 from graphopt.passes.sparsify import Sparsify  # noqa: E402
-from graphopt.sparsity import weight_masks  # noqa: E402
+from graphopt.analysis.sparsity import weight_masks  # noqa: E402
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
 PATTERNS = ("unstructured", "1x4", "8x1", "16x1")
@@ -41,7 +41,7 @@ SERIES = {  # label -> (pattern, sparsities, extra options)
 
 def masked_sparsity(gm) -> float:
     """Zeros among the masked weights, read from the weights the graph sees."""
-    weights = [graphopt.graph_utils.resolve(gm, n) for n in weight_masks(gm)]
+    weights = [graphopt.graph.nodes.resolve(gm, n) for n in weight_masks(gm)]
     return sum(int((w == 0).sum()) for w in weights) / max(sum(w.numel() for w in weights), 1)
 
 

@@ -1,28 +1,48 @@
-"""graphopt: trace a PyTorch model into an ATen graph, transform it with ordered, verified passes, export it."""
+"""graphopt: trace a PyTorch model into an ATen graph, transform it with ordered, verified passes, export it.
 
-from graphopt.api import OptimizeResult, optimize
-from graphopt.errors import (
+The folders read as the flow: capture/ (model -> graph) -> analysis/ (coupled channels, blocks, importance) ->
+pipeline/ (the pass manager; the passes are graphopt.passes) -> export/ (ONNX, the streamlined eager module) ->
+result/ (your own model back, save/load). graph/ is the IR they share, util/ the helpers under everything; quant/
+is the library the fake-quant pass builds on; cli/ and examples/ sit on top.
+"""
+
+from graphopt import _moved
+
+_moved.install()  # old flat module paths (graphopt.graph_pickle, ...) keep resolving, e.g. for saved files
+
+from graphopt.api import OptimizeResult, optimize  # noqa: E402
+from graphopt.capture.tracing import trace  # noqa: E402
+from graphopt.errors import (  # noqa: E402
     GraphoptError, GraphoptWarning, InputError, PassError, PipelineError, TraceError, VerifyError,
 )
-from graphopt.export import ExportError, ExportReport, export_onnx
-from graphopt.instruments import Instrument
-from graphopt.lower import lower
-from graphopt.metrics import count_macs, count_params, measure_latency, model_bytes, paired_latency
-from graphopt.pipeline import Context, Pass, PassManager, PassResult
-from graphopt.registry import parse_pipeline, register_pass, registered_passes
-from graphopt.report import PassRecord, Report
-from graphopt.saving import LoadError, SaveError, load, save
-from graphopt.training import finetune
-from graphopt.trace import trace
+from graphopt.export.onnx import ExportError, ExportReport, export_onnx  # noqa: E402
+from graphopt.export.streamline import streamline  # noqa: E402
+from graphopt.pipeline.instruments import Instrument  # noqa: E402
+from graphopt.pipeline.manager import Context, Pass, PassManager, PassResult  # noqa: E402
+from graphopt.pipeline.metrics import (  # noqa: E402
+    count_macs, count_params, measure_latency, model_bytes, paired_latency,
+)
+from graphopt.pipeline.registry import parse_pipeline, register_pass, registered_passes  # noqa: E402
+from graphopt.pipeline.report import PassRecord, Report  # noqa: E402
+from graphopt.result.saving import LoadError, SaveError, load, save  # noqa: E402
+from graphopt.training.loop import finetune  # noqa: E402
 
 import graphopt.passes  # noqa: E402,F401  (registers the built-in passes)
 
 __all__ = [
-    "Context", "ExportError", "ExportReport", "GraphoptError", "GraphoptWarning", "InputError", "Instrument", "OptimizeResult", "Pass", "PassError", "PassManager", "PassRecord",
-    "PassResult", "PipelineError", "Report", "TraceError", "VerifyError", "count_macs", "count_params",
-    "export_onnx",
-    "LoadError", "SaveError", "finetune", "load", "save",
-    "lower", "measure_latency", "model_bytes", "optimize", "paired_latency", "parse_pipeline", "register_pass",
-    "registered_passes", "trace",
+    "Context", "ExportError", "ExportReport", "GraphoptError", "GraphoptWarning", "InputError", "Instrument",
+    "LoadError", "OptimizeResult", "Pass", "PassError", "PassManager", "PassRecord", "PassResult", "PipelineError",
+    "Report", "SaveError", "TraceError", "VerifyError", "count_macs", "count_params", "export_onnx", "finetune",
+    "load", "measure_latency", "model_bytes", "optimize", "paired_latency", "parse_pipeline", "register_pass",
+    "registered_passes", "save", "streamline", "trace",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name == "lower":  # renamed: "lower" now means only swapping in kernels (the lower-sparse pass)
+        import warnings
+
+        warnings.warn("graphopt.lower is now graphopt.streamline", DeprecationWarning, stacklevel=2)
+        return streamline
+    raise AttributeError(f"module 'graphopt' has no attribute {name!r}")

@@ -2,6 +2,6 @@
 
 import sys
 
-from graphopt.cli import main
+from graphopt.cli.entry import main
 
 sys.exit(main())

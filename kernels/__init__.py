@@ -1,5 +1,8 @@
 """Custom kernels used by lowered graphs: packed sparse formats, C kernels (built and cached on first use) exposed
-as ``torch.ops.graphopt.*`` custom ops with torch reference fallbacks, and the ``SparseLinear`` module."""
+as ``torch.ops.graphopt.*`` custom ops with torch reference fallbacks, and the ``SparseLinear`` module.
+
+May import: graphopt.errors.
+"""
 
 from graphopt.kernels import ops  # noqa: F401  (registers torch.ops.graphopt.sparse_linear / act_sparse_linear)
 from graphopt.kernels.build import library

@@ -1,6 +1,9 @@
 """Built-in passes, one module each; importing this package registers them by name.
 
 Every module in this folder is imported, so a new pass only needs its own file: no list to keep in step.
+
+May import: graphopt.errors, graphopt.util, graphopt.graph, graphopt.analysis, graphopt.pipeline, graphopt.quant,
+graphopt.kernels.
 """
 
 import importlib

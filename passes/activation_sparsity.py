@@ -17,13 +17,13 @@ import torch
 import torch.fx as fx
 
 import graphopt.kernels  # noqa: F401  (registers torch.ops.graphopt.act_sparse_linear)
-from graphopt import distributed
-from graphopt.graph_utils import arg, free_attr_name, is_op, owner_and_leaf, remove_dead_nodes, remove_unused_attrs
-from graphopt.inputs import ExampleInputs
-from graphopt.layers import layer_name
-from graphopt.pass_base import Context, Pass, PassResult
-from graphopt.registry import register_pass
-from graphopt.shapes import flat_graph_inputs
+from graphopt.util import distributed
+from graphopt.graph.nodes import arg, free_attr_name, is_op, owner_and_leaf, remove_dead_nodes, remove_unused_attrs
+from graphopt.graph.inputs import ExampleInputs
+from graphopt.graph.layers import layer_name
+from graphopt.pipeline.pass_base import Context, Pass, PassResult
+from graphopt.pipeline.registry import register_pass
+from graphopt.graph.shapes import flat_graph_inputs
 
 aten = torch.ops.aten
 # cost model, one core: dense F.linear streams the weight; the op reads only rows of nonzero inputs (seconds)

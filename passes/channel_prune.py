@@ -2,7 +2,7 @@
 
 Each step analyses the graph, scores every channel of every prunable group, plans which channels go (local: the
 same ratio in every group; global: lowest normalized scores across groups), and applies the plan in one place
-(graphopt.dependency.apply). Parameters physically shrink; nothing is masked. With ``steps > 1`` the ratio is
+(graphopt.analysis.dependency.apply). Parameters physically shrink; nothing is masked. With ``steps > 1`` the ratio is
 reached gradually and ``finetune(gm, step)`` runs between steps (prune a little, recover, repeat).
 """
 
@@ -17,16 +17,16 @@ from typing import Callable, ClassVar
 import torch
 import torch.fx as fx
 
-from graphopt.dependency import ChannelGroup, DependencyGraph
-from graphopt.dependency.apply import apply_channel_plan, keep_every_dim_nonempty
+from graphopt.analysis.dependency import ChannelGroup, DependencyGraph
+from graphopt.analysis.dependency.apply import apply_channel_plan, keep_every_dim_nonempty
 from graphopt.errors import GraphoptWarning, PipelineError
-from graphopt.importance import CRITERIA, group_scores
-from graphopt.graph_utils import resolve
-from graphopt.layers import layers
-from graphopt.pass_base import Context, Pass, PassResult
-from graphopt.patterns import matches, matches_any, unmatched
-from graphopt.registry import register_pass
-from graphopt.shapes import GraphRunError, propagate
+from graphopt.analysis.importance import CRITERIA, group_scores
+from graphopt.graph.nodes import resolve
+from graphopt.graph.layers import layers
+from graphopt.pipeline.pass_base import Context, Pass, PassResult
+from graphopt.graph.patterns import matches, matches_any, unmatched
+from graphopt.pipeline.registry import register_pass
+from graphopt.graph.shapes import GraphRunError, propagate
 
 ATTENTION = ("heads", "head_dim", "both", "none")
 
@@ -41,7 +41,7 @@ class PruneChannels(Pass):
     ratio: float = 0.5
     importance: str = "l2"
     round_to: int = 1  # each group keeps a multiple (a concat member alone may not: groups, not layers, round)
-    ignore: tuple = ()  # name patterns (graphopt/patterns.py) of modules/parameters whose groups stay whole
+    ignore: tuple = ()  # name patterns (graphopt/graph/patterns.py) of modules/parameters whose groups stay whole
     ratios: tuple = ()  # ((pattern, ratio), ...): per-module ratios, first match wins
     global_ranking: bool = False
     max_ratio_per_group: float = 0.9
@@ -179,7 +179,7 @@ def _warn_unknown(dep: DependencyGraph) -> None:
                   if reason.startswith("no rule for ")})
     if ops:
         warnings.warn(f"prune-channels: no dependency rule for {', '.join(ops)}; the channels they touch are left "
-                      "unpruned. Register a rule with @graphopt.dependency.register_rule(op) to prune through them.",
+                      "unpruned. Register a rule with @graphopt.analysis.dependency.register_rule(op) to prune through them.",
                       GraphoptWarning, stacklevel=2)
 
 

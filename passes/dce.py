@@ -7,9 +7,9 @@ from typing import ClassVar
 
 import torch.fx as fx
 
-from graphopt.graph_utils import remove_dead_nodes, remove_unused_attrs
-from graphopt.pass_base import Context, Pass, PassResult
-from graphopt.registry import register_pass
+from graphopt.graph.nodes import remove_dead_nodes, remove_unused_attrs
+from graphopt.pipeline.pass_base import Context, Pass, PassResult
+from graphopt.pipeline.registry import register_pass
 
 
 @register_pass

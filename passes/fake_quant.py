@@ -19,15 +19,15 @@ from typing import ClassVar
 import torch.fx as fx
 
 from graphopt.errors import GraphoptWarning, PipelineError
-from graphopt.pass_base import Context, Pass, PassResult
-from graphopt.patterns import matches_any
+from graphopt.pipeline.pass_base import Context, Pass, PassResult
+from graphopt.graph.patterns import matches_any
 from graphopt.quant import calibrate, fold_bn, placement, regions, sensitivity
 from graphopt.quant.cpu_int8 import resolve_reduce_range
 from graphopt.quant.insert import Scheme, check_dtypes, insert_quantizers
 from graphopt.quant.observers import OBSERVERS
 from graphopt.quant.qat import trainable
 from graphopt.quant.quantizer import QuantSpec, quantizers
-from graphopt.registry import register_pass
+from graphopt.pipeline.registry import register_pass
 
 
 @register_pass

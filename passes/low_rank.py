@@ -23,12 +23,12 @@ import torch
 import torch.fx as fx
 
 from graphopt.errors import PipelineError
-from graphopt.graph_utils import arg, is_op, remove_dead_nodes, remove_unused_attrs, resolve, set_parameter
-from graphopt.layers import CONVS, shared_weights
-from graphopt.pass_base import Context, Pass, PassResult
-from graphopt.patterns import matches_any
-from graphopt.registry import register_pass
-from graphopt.shapes import propagate, shape_of
+from graphopt.graph.nodes import arg, is_op, remove_dead_nodes, remove_unused_attrs, resolve, set_parameter
+from graphopt.graph.layers import CONVS, shared_weights
+from graphopt.pipeline.pass_base import Context, Pass, PassResult
+from graphopt.graph.patterns import matches_any
+from graphopt.pipeline.registry import register_pass
+from graphopt.graph.shapes import propagate, shape_of
 
 aten = torch.ops.aten
 _TAG = ".low_rank."
@@ -116,7 +116,7 @@ class LowRank(Pass):
     name: ClassVar[str] = "low-rank"
     energy: float = 0.99  # keep this fraction of the squared singular values (used when rank_ratio is 0)
     rank_ratio: float = 0.0  # rank = ceil(rank_ratio * full rank) instead of energy
-    ignore: tuple = ()  # name patterns (graphopt/patterns.py: ``head``, ``*.mlp.*``) left alone
+    ignore: tuple = ()  # name patterns (graphopt/graph/patterns.py: ``head``, ``*.mlp.*``) left alone
     convs: bool = True  # factorize convs too (kxk conv with r filters, then a 1x1 conv)
     require_savings: bool = True  # only where MACs drop; False factorizes every layer (exactness checks)
     round_to: int = 1  # ranks are rounded up to a multiple of this (SIMD-friendly widths)

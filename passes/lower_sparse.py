@@ -25,17 +25,17 @@ import torch
 import torch.fx as fx
 import torch.nn.utils.parametrize as parametrize
 
-from graphopt.graph_utils import (
+from graphopt.graph.nodes import (
     arg, attr_value, free_attr_name, is_op, owner_and_leaf, remove_dead_nodes, remove_unused_attrs,
 )
 import graphopt.kernels  # noqa: F401  (registers torch.ops.graphopt.sparse_linear)
 from graphopt.kernels.choose import choose_format
 from graphopt.kernels.formats import FORMATS, SparseFormatError, pack, validate
 from graphopt.kernels import semi_structured, triton_bsr
-from graphopt.layers import layer_name
-from graphopt.pass_base import Context, Pass, PassResult
-from graphopt.registry import register_pass
-from graphopt.shapes import shape_of
+from graphopt.graph.layers import layer_name
+from graphopt.pipeline.pass_base import Context, Pass, PassResult
+from graphopt.pipeline.registry import register_pass
+from graphopt.graph.shapes import shape_of
 
 aten = torch.ops.aten
 

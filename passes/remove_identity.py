@@ -13,9 +13,9 @@ from typing import Callable, ClassVar
 import torch
 import torch.fx as fx
 
-from graphopt.graph_utils import arg, is_op, replace_with
-from graphopt.pass_base import Context, Pass, PassResult
-from graphopt.registry import register_pass
+from graphopt.graph.nodes import arg, is_op, replace_with
+from graphopt.pipeline.pass_base import Context, Pass, PassResult
+from graphopt.pipeline.registry import register_pass
 
 aten = torch.ops.aten
 

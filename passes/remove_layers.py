@@ -1,7 +1,7 @@
 """``remove-layers``: depth pruning. Drop whole residual blocks (ResNet blocks, transformer layers or their
 attention/MLP branches), replacing ``y = x + f(x)`` by ``y = x``.
 
-Blocks come from graphopt.blocks (found in the traced graph, named by their module: ``layers.2``,
+Blocks come from graphopt.analysis.blocks (found in the traced graph, named by their module: ``layers.2``,
 ``model.layers.5``, ``model.layers.5.mlp`` with ``unit="branch"``). Which blocks go is decided on calibration
 batches (``calib_data`` of ``graphopt.optimize``) by one criterion:
 
@@ -19,7 +19,7 @@ too: removing one replaces its output by its input.
 Cosines are taken along the feature axis: channels for 4-D (N, C, H, W) tensors, the last axis otherwise.
 Without ``calib_data`` a data-driven criterion raises InputError, unless ``use_example_inputs=True`` (then the
 example inputs are the only calibration batch: fine for tests, a weak signal for real decisions).
-In a torch.distributed job the scores sum over every rank's batches (graphopt.distributed): one choice everywhere.
+In a torch.distributed job the scores sum over every rank's batches (graphopt.util.distributed): one choice everywhere.
 """
 
 from __future__ import annotations
@@ -32,15 +32,15 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from graphopt import distributed
-from graphopt.blocks import Block, find_blocks, remove_blocks
+from graphopt.util import distributed
+from graphopt.analysis.blocks import Block, find_blocks, remove_blocks
 from graphopt.errors import InputError, MissingDataError, PassError, PipelineError
-from graphopt.inputs import ExampleInputs, flat_outputs
-from graphopt.pass_base import Context, Pass, PassResult
-from graphopt.patterns import matches
-from graphopt.progress import progress
-from graphopt.registry import register_pass
-from graphopt.shapes import flat_graph_inputs, propagate, shape_of
+from graphopt.graph.inputs import ExampleInputs, flat_outputs
+from graphopt.pipeline.pass_base import Context, Pass, PassResult
+from graphopt.graph.patterns import matches
+from graphopt.util.progress import progress
+from graphopt.pipeline.registry import register_pass
+from graphopt.graph.shapes import flat_graph_inputs, propagate, shape_of
 
 CRITERIA = ("block-influence", "angular", "output-error")
 UNITS = ("layer", "branch")
@@ -57,7 +57,7 @@ class RemoveLayers(Pass):
     criterion: str = "block-influence"
     blocks: tuple = ()  # explicit module names to remove (layers or branches); overrides n/fraction/criterion
     unit: str = "layer"  # "layer": whole transformer layers / ResNet blocks; "branch": attention or MLP alone
-    protect: tuple = ("first", "last")  # "first", "last" and name patterns (graphopt/patterns.py) of blocks that stay
+    protect: tuple = ("first", "last")  # "first", "last" and name patterns (graphopt/graph/patterns.py) of blocks that stay
     allow_projection: bool = False  # also remove blocks with a projection shortcut, keeping the projection
     plain: bool = False  # also shape-preserving modules without a skip (conv-BN-ReLU 32->32): replaced by x
     use_example_inputs: bool = False  # score on the example inputs when no calib_data was given

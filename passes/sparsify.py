@@ -7,7 +7,7 @@ by other ops (an embedding tied to an output head), parameters held under severa
 names matched by ``ignore``, the output layers with ``skip_output=True`` (layers from which no other linear/conv is
 reachable: a classifier head, an LM head), and with ``skip_unfit=True`` layers the pattern cannot fit.
 
-Patterns and the matrix view they apply to: see graphopt/sparsity.py (``unstructured``, ``RxC`` blocks such as
+Patterns and the matrix view they apply to: see graphopt/analysis/sparsity.py (``unstructured``, ``RxC`` blocks such as
 ``8x1``/``16x1``/``1x4`` with a ragged last block, ``N:M`` such as ``2:4`` whose sparsity is fixed at 1 - N/M).
 Thresholds are layer-wise (every layer reaches ``sparsity``) or, with ``global_threshold=True``, one magnitude
 threshold over all layers pooled (overall sparsity reaches ``sparsity``; layers with smaller weights lose more).
@@ -19,12 +19,12 @@ take their full pattern at the first step (their sparsity is not free).
 Contract with lowering (``lower-sparse``) and with training code:
 - each sparsified weight ``<owner>.<leaf>`` is a torch.nn.utils.parametrize parametrization on its owner module
   inside the GraphModule: ``owner.parametrizations.<leaf>`` holds ``original`` (the dense Parameter the
-  optimizer trains) and a ``graphopt.sparsity.WeightMask`` with a bool buffer ``mask`` (True = kept) and a
+  optimizer trains) and a ``graphopt.analysis.sparsity.WeightMask`` with a bool buffer ``mask`` (True = kept) and a
   ``pattern`` string. Reading ``owner.<leaf>`` (as the graph's get_attr node does) gives ``original * mask``.
-- the graph itself is unchanged (no new nodes): FakeTensor verification, ``graphopt.lower`` and ``torch.export``
+- the graph itself is unchanged (no new nodes): FakeTensor verification, ``graphopt.streamline`` and ``torch.export``
   of the module see the masked weight. Pruned weights read as exact zeros and receive zero gradients, so
   fine-tuning (loss.backward + optimizer.step) keeps them zero; masks never revive a pruned weight.
-- ``graphopt.sparsity.weight_masks(gm)`` lists them; ``graphopt.sparsity.bake_masks(gm)`` replaces them by plain
+- ``graphopt.analysis.sparsity.weight_masks(gm)`` lists them; ``graphopt.analysis.sparsity.bake_masks(gm)`` replaces them by plain
   parameters equal to ``original * mask`` (remove_parametrizations with leave_parametrized=True, made safe for deep
   copies, which share parametrized classes in torch). A parametrized module cannot be pickled whole
   (``torch.save(gm)``): save its ``state_dict`` or bake first.
@@ -39,12 +39,12 @@ import torch
 import torch.fx as fx
 
 from graphopt.errors import InputError, PassError, PipelineError
-from graphopt.graph_utils import is_op, resolve
-from graphopt.layers import output_layers
-from graphopt.pass_base import Context, Pass, PassResult
-from graphopt.patterns import first_match, matches_any, unmatched
-from graphopt.registry import register_pass
-from graphopt.sparsity import (
+from graphopt.graph.nodes import is_op, resolve
+from graphopt.graph.layers import output_layers
+from graphopt.pipeline.pass_base import Context, Pass, PassResult
+from graphopt.graph.patterns import first_match, matches_any, unmatched
+from graphopt.pipeline.registry import register_pass
+from graphopt.analysis.sparsity import (
     Pattern, achieved_sparsity, block_scores, cubic_sparsity, element_scores, expand_blocks, nm_keep,
     register_mask, select_lowest, weight_masks, weight_matrix,
 )
@@ -67,7 +67,7 @@ class Sparsify(Pass):
     global_threshold: bool = False
     sparsities: tuple = ()  # ((name pattern, sparsity), ...): per-layer targets, first match wins
     patterns: tuple = ()  # ((name pattern, pattern), ...): per-layer patterns, first match wins
-    ignore: tuple = ()  # name patterns (graphopt/patterns.py) of layers or weights left dense
+    ignore: tuple = ()  # name patterns (graphopt/graph/patterns.py) of layers or weights left dense
     skip_output: bool = False
     skip_unfit: bool = False
     steps: int = 1

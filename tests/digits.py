@@ -28,8 +28,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-import graphopt.digits as graphopt_digits
-from graphopt.examples import ResidualBlock
+import graphopt.examples.digits as graphopt_digits
+from graphopt.examples.models import ResidualBlock
 
 __all__ = ["DigitsCNN", "load_digits_tensors", "train", "accuracy", "trained_digits_cnn", "torch_threads",
            "ResidualDigitsCNN", "trained_residual_digits_cnn"]

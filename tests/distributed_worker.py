@@ -16,12 +16,12 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import graphopt
-from graphopt import distributed
-from graphopt.examples import example_model
-from graphopt.inputs import ExampleInputs
+from graphopt.util import distributed
+from graphopt.examples.models import example_model
+from graphopt.graph.inputs import ExampleInputs
 from graphopt.passes.remove_layers import RemoveLayers
 from graphopt.quant import prepare_qat, quantizers
-from graphopt.training import finetune
+from graphopt.training.loop import finetune
 
 OBSERVERS = ("minmax", "moving-average", "percentile", "mse")
 

@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 
 import graphopt
-from graphopt.dependency import DependencyGraph, register_rule
-from graphopt.dependency.apply import apply_channel_plan
-from graphopt.dependency.rules_elementwise import elementwise
+from graphopt.analysis.dependency import DependencyGraph, register_rule
+from graphopt.analysis.dependency.apply import apply_channel_plan
+from graphopt.analysis.dependency.rules_elementwise import elementwise
 from graphopt.passes.channel_prune import PruneChannels
 from models import NAMES, build
 from util import assert_same_outputs, mystery, outputs, rebatch

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import graphopt
-from graphopt.cli import main
+from graphopt.cli.entry import main
 
 TESTS = Path(__file__).parent
 ZOO_MODEL = "models:make_resnet_basic"  # tests/models.py, importable from the tests directory

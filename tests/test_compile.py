@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import graphopt
-from graphopt.examples import example_model
-from graphopt.inputs import ExampleInputs, flat_outputs
+from graphopt.examples.models import example_model
+from graphopt.graph.inputs import ExampleInputs, flat_outputs
 from graphopt.quant import prepare_qat, quantizers
 from models import build
 
@@ -113,7 +113,7 @@ def test_a_compiled_qat_step_with_quantizers_follows_the_eager_gradients():
 def test_compiled_channels_last_lowered_graph():
     model, (x,) = example_model()
     gm = graphopt.optimize(model, "fuse,prune-channels:ratio=0.5", x).module
-    lowered = graphopt.lower(gm, (x,), memory_format="channels_last")
+    lowered = graphopt.streamline(gm, (x,), memory_format="channels_last")
     assert any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
                for p in lowered.parameters())
     compiled_matches_eager(lowered, ExampleInputs.of(x), rtol=1e-4, atol=1e-4)

@@ -12,7 +12,7 @@ pytest.importorskip("sklearn", reason="the demo's digits dataset ships with scik
 pytest.importorskip("matplotlib", reason="the demo's plots need matplotlib (a dev dependency)")
 
 import graphopt  # noqa: E402
-from graphopt.demo import run_demo  # noqa: E402
+from graphopt.examples.demo import run_demo  # noqa: E402
 
 
 def test_quick_demo_compresses_exports_and_plots(tmp_path, capsys):

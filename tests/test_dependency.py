@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import graphopt
-from graphopt.dependency import DependencyGraph
+from graphopt.analysis.dependency import DependencyGraph
 from models import build
 
 

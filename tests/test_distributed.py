@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 
 import graphopt
-from graphopt import distributed
-from graphopt.training import finetune
+from graphopt.util import distributed
+from graphopt.training.loop import finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -174,7 +174,7 @@ def test_cli_under_torchrun_splits_the_data_and_writes_once(tmp_path):
     for r in range(2):  # one fine-tuning file per rank
         torch.save({"inputs": torch.randn(16, 3, 32, 32, generator=gen),
                     "targets": torch.randint(0, 10, (16,), generator=gen)}, tmp_path / f"train-{r}.pt")
-    proc = torchrun(["-m", "graphopt", "optimize", "graphopt.examples:example_model", "--input-shape", "1,3,32,32",
+    proc = torchrun(["-m", "graphopt", "optimize", "graphopt.examples.models:example_model", "--input-shape", "1,3,32,32",
                      "--passes", "prune-channels:ratio=0.5,importance=taylor,fake-quant", "--calib", "calib.pt",
                      "--finetune", "train-{rank}.pt", "--epochs", "1", "--no-onnx", "--out", "out"], cwd=tmp_path)
     assert "2 ranks: statistics and fine-tuning gradients are combined" in proc.stderr

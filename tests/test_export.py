@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import graphopt
 from graphopt import ExportError, VerifyError, export_onnx
-from graphopt.onnx_io import count_qdq
+from graphopt.export.onnx_io import count_qdq
 from models import HF_NAMES, NAMES, TRANSFORMER_NAMES, build
 import util  # noqa: F401  (defines the graphopt_test::mystery op)
 

@@ -10,7 +10,7 @@ pytest.importorskip("sklearn", reason="the digits dataset ships with scikit-lear
 import graphopt  # noqa: E402
 from digits import accuracy, torch_threads, trained_digits_cnn  # noqa: E402
 from graphopt.passes.channel_prune import PruneChannels  # noqa: E402
-from graphopt.training import distillation_loss, finetune_callback  # noqa: E402
+from graphopt.training.loop import distillation_loss, finetune_callback  # noqa: E402
 
 
 @pytest.fixture

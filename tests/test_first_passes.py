@@ -6,7 +6,7 @@ import torch.nn as nn
 
 import graphopt
 from graphopt import Context, PassManager
-from graphopt.metrics import count_params
+from graphopt.pipeline.metrics import count_params
 from models import CNN_NAMES, NAMES, build
 from util import assert_same_outputs, rebatch
 

@@ -63,9 +63,9 @@ def test_the_import_graph_has_no_cycles():
 
 def test_the_pass_interface_depends_on_nothing_of_the_pipeline():
     graph = import_graph()
-    reach = nx.descendants(graph, "graphopt.pass_base")
-    assert not reach & {"graphopt.pipeline", "graphopt.registry", "graphopt.api", "graphopt.instruments"}, reach
-    assert "graphopt.pass_base" in nx.descendants(graph, "graphopt.pipeline")
+    reach = nx.descendants(graph, "graphopt.pipeline.pass_base")
+    assert not reach & {"graphopt.pipeline.manager", "graphopt.pipeline.registry", "graphopt.api", "graphopt.pipeline.instruments"}, reach
+    assert "graphopt.pipeline.pass_base" in nx.descendants(graph, "graphopt.pipeline.manager")
 
 
 def test_every_module_imports():
@@ -74,3 +74,61 @@ def test_every_module_imports():
             continue
         module = importlib.import_module(name)
         assert module.__name__ == name and module.__doc__, f"{name} imports but has no docstring"
+
+
+TOP_FILES = {"graphopt", "graphopt.api", "graphopt._moved"}  # the public face: may import all but the command line
+
+
+def _group(module: str) -> str:
+    """The stage folder a module belongs to: graphopt.<folder>, graphopt.passes, graphopt.kernels, or the top."""
+    parts = module.split(".")
+    if module in TOP_FILES:
+        return "top"
+    if module in ("graphopt.errors", "graphopt.__main__"):  # under everything / `python -m graphopt`, above all
+        return module
+    return ".".join(parts[:2])
+
+
+def _declared_imports(group: str, groups: set[str]) -> set[str]:
+    """The groups a package's docstring says it may import ('May import: a, b.' / 'everything' / 'everything but x')."""
+    doc = importlib.import_module(group).__doc__ or ""
+    line = " ".join(doc.split("May import:")[1].split()) if "May import:" in doc else None
+    assert line, f"{group}'s docstring does not say what it may import ('May import: ...')"
+    if line.startswith("everything but"):
+        banned = {n.strip(" .,") for n in line[len("everything but"):].split("(")[0].split(",")}
+        return groups - banned
+    if line.startswith("everything"):
+        return set(groups)
+    return {n.strip(" .,") for n in line.split(",")}
+
+
+def group_graph() -> nx.DiGraph:
+    """Stage folder -> the stage folders its modules import (imports inside one folder do not count)."""
+    graph = nx.DiGraph()
+    for source, target in import_graph().edges:
+        a, b = _group(source), _group(target)
+        graph.add_nodes_from((a, b))
+        if a != b:
+            graph.add_edge(a, b, example=f"{source} -> {target}")
+    return graph
+
+
+def test_the_stage_folders_import_only_what_their_docstrings_allow():
+    graph = group_graph()
+    folders = {g for g in graph.nodes if g not in ("top", "graphopt.errors", "graphopt.__main__")}
+    assert {"graphopt.capture", "graphopt.analysis", "graphopt.pipeline", "graphopt.passes", "graphopt.export",
+            "graphopt.result", "graphopt.graph", "graphopt.cli"} <= folders
+    for folder in sorted(folders):
+        allowed = _declared_imports(folder, set(graph.nodes) - {folder}) | {"graphopt.errors"}
+        undeclared = {t: graph.edges[folder, t]["example"] for t in graph.successors(folder) if t not in allowed}
+        assert not undeclared, f"{folder} imports what its docstring does not allow: {undeclared}"
+
+
+def test_the_stage_folders_form_no_cycle():
+    graph = group_graph()
+    cycles = list(nx.simple_cycles(graph))
+    assert not cycles, [[graph.edges[a, b]["example"] for a, b in zip(c, c[1:] + c[:1])] for c in cycles[:3]]
+    # the flow the README describes: capture and analysis below the pipeline, the result on top of export
+    assert nx.has_path(graph, "graphopt.result", "graphopt.export")
+    assert not nx.has_path(graph, "graphopt.capture", "graphopt.pipeline")
+    assert not nx.has_path(graph, "graphopt.analysis", "graphopt.passes")

@@ -1,4 +1,4 @@
-"""The shared layer view (graphopt/layers.py) and the one pattern language (graphopt/patterns.py)."""
+"""The shared layer view (graphopt/graph/layers.py) and the one pattern language (graphopt/graph/patterns.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 
 import graphopt
-from graphopt.layers import arg, layer_name, layers
-from graphopt.patterns import first_match, matches, matches_any, unmatched
+from graphopt.graph.layers import arg, layer_name, layers
+from graphopt.graph.patterns import first_match, matches, matches_any, unmatched
 from models import build
 
 aten = torch.ops.aten

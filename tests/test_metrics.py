@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 import graphopt
-from graphopt.metrics import fixed_threads
+from graphopt.pipeline.metrics import fixed_threads
 
 
 def test_param_count_counts_shared_tensors_once():
@@ -23,7 +23,7 @@ def test_macs_match_hand_counts():
 
 
 def test_traced_graph_has_the_same_macs_as_the_model():
-    from graphopt.examples import example_model
+    from graphopt.examples.models import example_model
     model, inputs = example_model()
     assert graphopt.count_macs(graphopt.trace(model, inputs), inputs) == graphopt.count_macs(model, inputs)
 

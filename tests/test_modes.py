@@ -1,5 +1,5 @@
 """graphopt's graph results are first-class modules: ``.train()``/``.eval()`` switch BatchNorm and dropout as the
-eager model does, and ``torch.save(module)`` / pickle / deepcopy round-trip (graph_module.py, graph_pickle.py)."""
+eager model does, and ``torch.save(module)`` / pickle / deepcopy round-trip (graph/module.py, graph/pickling.py)."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from models import NAMES, build, randomize_batchnorm  # noqa: E402
 from util import outputs  # noqa: E402
 
 import graphopt  # noqa: E402
-from graphopt.graph_json import SaveError  # noqa: E402
-from graphopt.graph_module import GraphoptModule  # noqa: E402
-from graphopt.inputs import ExampleInputs  # noqa: E402
+from graphopt.result.graph_json import SaveError  # noqa: E402
+from graphopt.graph.module import GraphoptModule  # noqa: E402
+from graphopt.graph.inputs import ExampleInputs  # noqa: E402
 
 aten = torch.ops.aten
 _DROPOUT = (aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default)
@@ -190,8 +190,8 @@ def test_a_pickle_names_only_graphopt_rebuild_and_the_module_class():
 
     loaded = Recording(io.BytesIO(pickle.dumps(gm))).load()
     assert isinstance(loaded, GraphoptModule)
-    assert {n for n in names if n.startswith("graphopt")} == {"graphopt.graph_pickle.rebuild",
-                                                                "graphopt.graph_module.GraphoptModule"}
+    assert {n for n in names if n.startswith("graphopt")} == {"graphopt.graph.pickling.rebuild",
+                                                                "graphopt.graph.module.GraphoptModule"}
 
 
 def test_pickling_a_graph_that_calls_a_lambda_says_what_to_do():
@@ -209,7 +209,7 @@ def test_pickling_a_graph_that_calls_a_lambda_says_what_to_do():
 @pytest.mark.parametrize("name", ["resnet_basic", "mlp", "hf_bert"])
 def test_lowered_modules_switch_modes_and_round_trip(name):
     case, gm = captured(name)
-    lowered = graphopt.lower(gm, case.example_inputs)
+    lowered = graphopt.streamline(gm, case.example_inputs)
     assert isinstance(lowered, GraphoptModule) and not lowered.training
     targets = {n.target for n in lowered.graph.nodes if n.op == "call_function"}
     eager = copy.deepcopy(case.model).train()

@@ -12,10 +12,10 @@ import torch.nn as nn
 
 import graphopt
 from graphopt.errors import PipelineError
-from graphopt.instruments import Instrument
-from graphopt.pass_base import Context, Pass, PassResult
+from graphopt.pipeline.instruments import Instrument
+from graphopt.pipeline.pass_base import Context, Pass, PassResult
 from graphopt.passes.fuse import Fuse
-from graphopt.pipeline import PassManager
+from graphopt.pipeline.manager import PassManager
 
 
 class NodeCount:
@@ -171,7 +171,7 @@ def test_without_verification_no_graph_runs_and_macs_are_not_counted():
 
 
 def test_every_layer_pass_reports_its_decisions_per_layer_in_one_shape():
-    from graphopt.layers import layers
+    from graphopt.graph.layers import layers
     from models import build
 
     case = build("resnet_basic")

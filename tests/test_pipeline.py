@@ -10,8 +10,8 @@ import torch.nn as nn
 
 import graphopt
 from graphopt import Context, Pass, PassManager, PassResult, register_pass
-from graphopt.graph_utils import is_op, set_parameter
-from graphopt.registry import get_pass_class, parse_pipeline
+from graphopt.graph.nodes import is_op, set_parameter
+from graphopt.pipeline.registry import get_pass_class, parse_pipeline
 
 aten = torch.ops.aten
 

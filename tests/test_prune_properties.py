@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, Phase, find, given, settings
 from hypothesis import strategies as st
 
 import graphopt
-from graphopt.dependency import DependencyGraph
+from graphopt.analysis.dependency import DependencyGraph
 from graphopt.passes.channel_prune import PruneChannels
-from graphopt.pipeline import Context, PassManager
+from graphopt.pipeline.manager import Context, PassManager
 from random_archs import (
     ALL_KINDS, MAX_C, Arch, Concat, Conv, Depthwise, Head, Residual, Shuffle, archs, build, example_input,
 )
@@ -287,7 +287,7 @@ class _ChannelsLastLinearThenConv(nn.Module):
 
 
 def test_batch_of_one_after_channels_last_linear():
-    """torch.export proves batch > 1 here (a layout decision); graphopt.guards checks the graph at batch 1 against
+    """torch.export proves batch > 1 here (a layout decision); graphopt.capture.guards checks the graph at batch 1 against
     the eager model and drops that guard, so a graph traced at batch 2 serves a batch of 1 too."""
     model = _ChannelsLastLinearThenConv().eval()
     res = graphopt.optimize(model, [PruneChannels(ratio=0.0)], torch.randn(2, 4, 8, 8))

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import graphopt
-from graphopt.quant import ort_kernel_counts, quantizers
+from graphopt.export.onnx_verify import ort_kernel_counts
+from graphopt.quant import quantizers
 from models import build
 from util import rebatch
 

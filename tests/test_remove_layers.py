@@ -9,12 +9,12 @@ import torch
 import torch.nn as nn
 
 import graphopt
-from graphopt.blocks import find_blocks
+from graphopt.analysis.blocks import find_blocks
 from graphopt.errors import InputError, PassError, PipelineError
-from graphopt.inputs import ExampleInputs
+from graphopt.graph.inputs import ExampleInputs
 from graphopt.passes.channel_prune import PruneChannels
 from graphopt.passes.remove_layers import RemoveLayers
-from graphopt.shapes import propagate
+from graphopt.graph.shapes import propagate
 from models import build
 from util import outputs, rebatch
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import graphopt
-from graphopt.saving import FORMAT, LoadError, SaveError, load, save
+from graphopt.result.saving import FORMAT, LoadError, SaveError, load, save
 from models import build
 from util import outputs, rebatch
 
@@ -38,7 +38,7 @@ def test_pruned_round_trip_is_exact(tmp_path, name):
 def test_lowered_module_is_saved_as_its_aten_graph(tmp_path):
     case = build("resnet_basic")
     res = graphopt.optimize(case.model, "prune-channels:ratio=0.25", case.example_inputs)
-    lowered = graphopt.lower(res.module, case.example_inputs)
+    lowered = graphopt.streamline(res.module, case.example_inputs)
     back = load(save(lowered, tmp_path / "lowered.graphopt"))
     _assert_exact(back.module, lowered, case.example_inputs)
     assert "torch.ops.aten.conv2d.default" in back.module.code
@@ -137,7 +137,7 @@ def test_flipped_weight_byte_fails_the_checksum(tmp_path):
 
 def _rewrite(path, edit):
     """Edit the JSON of a saved file and fix its checksum, as an attacker or a buggy tool could."""
-    from graphopt.saving import _checksum
+    from graphopt.result.saving import _checksum
 
     payload = torch.load(path, weights_only=True)
     meta = json.loads(payload["meta"])

@@ -1,4 +1,4 @@
-"""The ``sparsify`` pass and graphopt.sparsity: pattern structure, targets, thresholds, schedules, masks that
+"""The ``sparsify`` pass and graphopt.analysis.sparsity: pattern structure, targets, thresholds, schedules, masks that
 persist through fine-tuning, the zoo, and the exact messages of bad input."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 
 import graphopt
 from digits import DigitsCNN
-from graphopt.inputs import ExampleInputs
+from graphopt.graph.inputs import ExampleInputs
 from graphopt.passes.sparsify import Sparsify, find_layers
-from graphopt.shapes import is_fake, propagate
-from graphopt.sparsity import (
+from graphopt.graph.shapes import is_fake, propagate
+from graphopt.analysis.sparsity import (
     Pattern, achieved_sparsity, bake_masks, cubic_sparsity, follows_pattern, magnitude_mask, weight_masks,
 )
 from models import build
@@ -142,14 +142,14 @@ def test_layerwise_target_reached_in_every_layer_with_the_pattern(pattern):
     assert set(masks) == {"stem.0.weight", "conv1.weight", "conv2.weight", "down.0.weight", "head.weight"}
     p = Pattern.parse(pattern)
     for name, m in masks.items():
-        weight = graphopt.graph_utils.resolve(gm, name)
+        weight = graphopt.graph.nodes.resolve(gm, name)
         assert m.pattern == pattern and blocks_uniform(m.mask, p.rows, p.cols)
         assert torch.equal(weight == 0, ~m.mask)  # the graph's weight reads as original * mask
         block = p.rows * p.cols / weight.numel()
         assert abs(achieved_sparsity(weight) - 0.75) <= block / 2 + 1e-6
         assert record.stats["per_layer"][name] == pytest.approx(achieved_sparsity(weight), abs=1e-6)
-    total = sum(graphopt.graph_utils.resolve(gm, n).numel() for n in masks)
-    assert record.stats["zeros"] == sum(int((graphopt.graph_utils.resolve(gm, n) == 0).sum()) for n in masks)
+    total = sum(graphopt.graph.nodes.resolve(gm, n).numel() for n in masks)
+    assert record.stats["zeros"] == sum(int((graphopt.graph.nodes.resolve(gm, n) == 0).sum()) for n in masks)
     assert record.stats["sparsity"] == pytest.approx(record.stats["zeros"] / total, abs=1e-6)
     assert record.modified and record.params_after == record.params_before
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # the user's model is untouched
@@ -220,7 +220,7 @@ def test_second_run_changes_nothing_and_string_form_parses():
 def test_finetuning_keeps_pruned_weights_at_zero_and_trains_the_rest():
     gm, _ = sparsified(digits_cnn(), Sparsify(sparsity=0.8, pattern="8x1"))
     masks = {n: m.mask.clone() for n, m in weight_masks(gm).items()}
-    before = {n: graphopt.graph_utils.resolve(gm, n).detach().clone() for n in masks}
+    before = {n: graphopt.graph.nodes.resolve(gm, n).detach().clone() for n in masks}
     opt = torch.optim.Adam(gm.parameters(), lr=1e-2)
     x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
     for _ in range(3):
@@ -231,7 +231,7 @@ def test_finetuning_keeps_pruned_weights_at_zero_and_trains_the_rest():
     for name, mask in masks.items():
         owner, leaf = name.rsplit(".", 1)
         original = getattr(gm.get_submodule(owner).parametrizations, leaf).original
-        weight = graphopt.graph_utils.resolve(gm, name)
+        weight = graphopt.graph.nodes.resolve(gm, name)
         assert (weight[~mask] == 0).all() and (original.grad[~mask] == 0).all()
         assert not torch.equal(weight[mask], before[name][mask])  # kept weights did train
 
@@ -288,7 +288,7 @@ def test_masked_graph_lowers_exports_and_bakes():
     want = outputs(gm, DIGITS_INPUT)
     fake = propagate(gm, ExampleInputs.of(DIGITS_INPUT), fake=True)  # what the PassManager verifies with
     assert is_fake(fake) and fake[0].shape == want[0].shape
-    lowered = graphopt.lower(gm, DIGITS_INPUT)
+    lowered = graphopt.streamline(gm, DIGITS_INPUT)
     torch.testing.assert_close(outputs(lowered, DIGITS_INPUT), want, rtol=0, atol=0)
     exported = torch.export.export(gm, DIGITS_INPUT).module()
     torch.testing.assert_close(outputs(exported, DIGITS_INPUT), want)
@@ -311,7 +311,7 @@ def test_zoo_models(name):
     assert any(stored_in_out.values()) == (name == "hf_gpt2")
     for n, m in weight_masks(gm).items():
         assert follows_pattern(m.mask.t() if stored_in_out[n] else m.mask, "1x4")
-    lowered = graphopt.lower(gm, case.example_inputs)
+    lowered = graphopt.streamline(gm, case.example_inputs)
     torch.testing.assert_close(outputs(lowered, case.example_inputs), outputs(gm, case.example_inputs))
 
 

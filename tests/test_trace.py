@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import graphopt
-from graphopt.shapes import shape_of
+from graphopt.graph.shapes import shape_of
 from models import NAMES, build
 from util import assert_same_outputs, outputs, rebatch
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 import graphopt
 from graphopt.errors import WritebackError
-from graphopt.writeback_structure import ZeroBranch
+from graphopt.result.writeback_structure import ZeroBranch
 from models import NAMES, build
 
 PASSES = {
@@ -233,7 +233,7 @@ def test_to_model_of_a_loaded_result_points_to_result_module(tmp_path):
 
 
 def test_to_model_of_a_result_left_in_training_mode_checks_in_eval_and_restores_the_mode():
-    from graphopt.examples import example_model
+    from graphopt.examples.models import example_model
 
     model, inputs = example_model()
     res = graphopt.optimize(model, "prune-channels:ratio=0.5", inputs)

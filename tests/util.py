@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from graphopt.inputs import ExampleInputs, flat_outputs
+from graphopt.graph.inputs import ExampleInputs, flat_outputs
 
 
 def outputs(module, example_inputs) -> list[torch.Tensor]:

@@ -13,10 +13,10 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 
-from graphopt import distributed
+from graphopt.util import distributed
 from graphopt.errors import InputError, MissingDataError
-from graphopt.inputs import ExampleInputs
-from graphopt.progress import progress
+from graphopt.graph.inputs import ExampleInputs
+from graphopt.util.progress import progress
 from graphopt.quant.quantizer import quantizers
 
 NO_DATA_PROBLEM = "fake-quant needs calibration data to choose its scales"

@@ -20,8 +20,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from graphopt.graph_utils import arg, attr_value, is_op, remove_dead_nodes, remove_unused_attrs, set_parameter
-from graphopt.layers import CONVS
+from graphopt.graph.nodes import arg, attr_value, is_op, remove_dead_nodes, remove_unused_attrs, set_parameter
+from graphopt.graph.layers import CONVS
+from graphopt.graph.batch_norm import fuse_batch_norms
 from graphopt.quant.quantizer import FakeQuantize
 
 aten = torch.ops.aten
@@ -29,8 +30,6 @@ aten = torch.ops.aten
 
 def fold_batch_norms(gm: fx.GraphModule, ctx) -> list[str]:
     """Fold every eval-mode BatchNorm into its conv/linear (the ``fuse`` pass); returns the folded layers."""
-    from graphopt.passes.fuse import fuse_batch_norms  # passes/ builds on quant/, not the other way round
-
     folded, _ = fuse_batch_norms(gm)
     for p in gm.parameters():  # fuse stores folded weights with requires_grad=False; QAT trains them
         if p.is_floating_point():

@@ -90,7 +90,7 @@ _RELU_LIKE = (torch.ops.aten.relu, torch.ops.aten.relu_, torch.ops.aten.hardtanh
 def _output_to_quantize(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     """Where a layer's result should be quantized: the end of its single-user chain of ReLUs and BatchNorms;
     None when that chain already reaches a quantizer or a model output."""
-    from graphopt.graph_utils import is_op
+    from graphopt.graph.nodes import is_op
 
     current = node
     while True:

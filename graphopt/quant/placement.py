@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from graphopt import layers
-from graphopt.graph_utils import is_op
-from graphopt.patterns import matches_any
-from graphopt.shapes import shape_of
+from graphopt.graph import layers
+from graphopt.graph.nodes import is_op
+from graphopt.graph.patterns import matches_any
+from graphopt.graph.shapes import shape_of
 
 aten = torch.ops.aten
 
@@ -99,7 +99,7 @@ class Placement:
 
 
 def layer_name(node: fx.Node, weight_pos: int | None) -> str:
-    """Module path of a layer from its weight's name (``layer1.0.conv1``), else its module (graphopt/layers.py)."""
+    """Module path of a layer from its weight's name (``layer1.0.conv1``), else its module (graphopt/graph/layers.py)."""
     return layers.layer_name(node, weight_pos)
 
 

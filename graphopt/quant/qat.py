@@ -1,7 +1,7 @@
 """Quantization-aware training of a fake-quantized graph, and the conversion back to an export-ready graph.
 
 The fake-quant pass returns a GraphoptModule (``trainable``; its ``.train()``/``.eval()`` switch the graph's
-BatchNorm and dropout nodes, see graph_module.py) whose BatchNorms, with ``qat=True``, are ``QatBatchNorm`` modules
+BatchNorm and dropout nodes, see graph/module.py) whose BatchNorms, with ``qat=True``, are ``QatBatchNorm`` modules
 following ``.train()``/``.eval()``, conv+BN pairs in the simulated-fold form (fold_bn.py), and quantizers that use
 the straight-through estimator in training mode. So QAT is ordinary training::
 
@@ -17,7 +17,7 @@ import copy
 
 import torch.fx as fx
 
-from graphopt.graph_module import GraphoptModule
+from graphopt.graph.module import GraphoptModule
 from graphopt.quant.fold_bn import fold_simulated
 from graphopt.quant.quantizer import quantizers
 

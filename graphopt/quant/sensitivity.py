@@ -12,9 +12,9 @@ import math
 import torch
 import torch.fx as fx
 
-from graphopt import distributed
-from graphopt.inputs import ExampleInputs, flat_outputs
-from graphopt.progress import progress
+from graphopt.util import distributed
+from graphopt.graph.inputs import ExampleInputs, flat_outputs
+from graphopt.util.progress import progress
 from graphopt.quant.quantizer import quantizers
 
 

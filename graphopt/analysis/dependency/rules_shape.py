@@ -1,0 +1,420 @@
+"""Rules for ops that move, merge, split, slice or join dims; their rewriters update the sizes baked into args."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+import torch.fx as fx
+
+from graphopt.analysis.dependency.keys import TensorKeys, product, split
+from graphopt.analysis.dependency.walk import Walk, register_rule, shape, value_keys
+from graphopt.graph.nodes import arg
+
+aten = torch.ops.aten
+
+
+def match_groups(a: tuple, b: tuple) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Pair runs of dims of shape ``a`` with runs of shape ``b`` that hold the same number of elements."""
+    groups, i, j = [], 0, 0
+    while i < len(a) or j < len(b):
+        if i < len(a) and a[i] == 1 and (j >= len(b) or b[j] != 1):
+            groups.append(((i, i + 1), (j, j)))
+            i += 1
+        elif j < len(b) and b[j] == 1 and (i >= len(a) or a[i] != 1):
+            groups.append(((i, i), (j, j + 1)))
+            j += 1
+        else:
+            i0, j0, pa, pb = i, j, a[i], b[j]
+            i, j = i + 1, j + 1
+            while pa != pb:
+                if pa < pb:
+                    pa, i = pa * a[i], i + 1
+                else:
+                    pb, j = pb * b[j], j + 1
+            groups.append(((i0, i), (j0, j)))
+    return groups
+
+
+def _sizes_rewrite(index: int):
+    """Rewrite the size list at ``node.args[index]`` to the node's new output shape (-1 and symbols stay)."""
+    def rewrite(node: fx.Node, resized) -> None:
+        new = resized.new_shape(node)
+        sizes = list(node.args[index])
+        offset = len(new) - len(sizes)
+        for d, s in enumerate(sizes):
+            if isinstance(s, int) and s != -1:
+                sizes[d] = new[d + offset]
+        node.args = (*node.args[:index], sizes, *node.args[index + 1:])
+    return rewrite
+
+
+def reshaped(w: Walk, x, out: tuple, name: str):
+    """Keys after a reshape of ``x`` to ``out``: runs of dims merge (products) and split (factoring)."""
+    dims = []
+    for (i0, i1), (o0, o1) in match_groups(x.sizes, out):
+        entries = [w.dk(x, d) for d in range(i0, i1)]
+        if i1 - i0 == 1 and o1 - o0 == 1:
+            dims.append(entries[0])
+        elif o1 == o0:
+            continue  # a dropped singleton
+        elif i1 == i0:
+            dims.append(w.fresh(1, f"{name}[{o0}]", frozen="singleton"))
+        else:
+            flat = entries[0] if len(entries) == 1 else product(w.space, entries, name)
+            dims.extend(split(w.space, flat, list(out[o0:o1]), name))
+    return w.tensor(dims, name)
+
+
+@register_rule(aten.flatten, aten.unsqueeze, aten.squeeze)  # reshapes that bake no sizes
+def view(w: Walk, node: fx.Node):
+    """view/reshape/flatten/unflatten/(un)squeeze: a reshape of the input to the recorded output shape."""
+    return reshaped(w, w.keys(node.args[0]), shape(node), node.name)
+
+
+register_rule(aten.view, aten.reshape, aten._unsafe_view, rewrite=_sizes_rewrite(1))(view)
+
+
+def _unflatten_rewrite(node: fx.Node, resized) -> None:
+    dim, k = int(node.args[1]) % len(resized.new_shape(node.args[0])), len(node.args[2])
+    node.args = (node.args[0], node.args[1], list(resized.new_shape(node)[dim: dim + k]), *node.args[3:])
+
+
+register_rule(aten.unflatten, rewrite=_unflatten_rewrite)(view)
+
+
+@register_rule(aten.permute)
+def permute(w: Walk, node: fx.Node):
+    """Dims move, keys with them."""
+    x = w.keys(node.args[0])
+    return w.tensor([w.dk(x, int(d)) for d in node.args[1]], node.name)
+
+
+@register_rule(aten.transpose, aten.t, aten.swapaxes)
+def transpose(w: Walk, node: fx.Node):
+    """Two dims swap (t: the two dims of a matrix)."""
+    x = w.keys(node.args[0])
+    order = list(range(len(x.dims)))
+    a, b = (int(node.args[1]) % len(order), int(node.args[2]) % len(order)) if len(node.args) > 2 else (0, 1)
+    order[a], order[b] = order[b], order[a]
+    return w.tensor([w.dk(x, d) for d in order], node.name)
+
+
+@register_rule(aten.expand, rewrite=_sizes_rewrite(1))
+def expand(w: Walk, node: fx.Node):
+    """Existing dims keep their keys; broadcast-expanded dims get a new atom of their own."""
+    x, out = w.keys(node.args[0]), shape(node)
+    lead = len(out) - len(x.dims)
+    dims = []
+    for d, n in enumerate(out):
+        k = d - lead
+        dims.append(w.dk(x, k) if k >= 0 and x.sizes[k] == n else w.fresh(n, f"{node.name}[{d}]"))
+    return w.tensor(dims, node.name)
+
+
+@register_rule(aten.cat, aten.concat)
+def cat(w: Walk, node: fx.Node):
+    """The cat dim lists every input's keys in turn; the other dims are shared."""
+    parts = [w.keys(t) for t in node.args[0]]
+    parts = [p for p in parts if p is not None and p.sizes and math.prod(p.sizes) > 0]
+    dim = int(arg(node, "dim", 0)) % len(parts[0].dims)
+    dims = []
+    for d in range(len(parts[0].dims)):
+        if d == dim:
+            dims.append([k for p in parts for k in w.dk(p, d)])
+            continue
+        first = w.dk(parts[0], d)
+        for p in parts[1:]:
+            w.unify(first, w.dk(p, d), f"{node.name} (cat)")
+        dims.append(first)
+    return w.tensor(dims, node.name)
+
+
+@register_rule(aten.stack)
+def stack(w: Walk, node: fx.Node):
+    """Inputs share every dim; the new dim indexes the inputs (fixed)."""
+    parts = [w.keys(t) for t in node.args[0]]
+    dim = int(arg(node, "dim", 0)) % (len(parts[0].dims) + 1)
+    dims = [w.dk(parts[0], d) for d in range(len(parts[0].dims))]
+    for p in parts[1:]:
+        for d in range(len(dims)):
+            w.unify(dims[d], w.dk(p, d), f"{node.name} (stack)")
+    dims.insert(dim, w.fresh(len(parts), f"{node.name}[{dim}]", frozen="stacked inputs"))
+    return w.tensor(dims, node.name)
+
+
+def _split_sizes_rewrite(node: fx.Node, resized) -> None:
+    """New split sizes. Equal parts keep the op as written (``chunk(x, 2)`` stays, ``split(x, 64)`` becomes
+    ``split(x, 32)``), so the constants still say what the model's forward says; uneven pruning turns split/chunk
+    into split_with_sizes with the pruned sizes."""
+    x = node.args[0]
+    dim = _split_dim(node)
+    sizes = [s[dim] for s in resized.new_shape(node)]
+    if len(set(sizes)) == 1 and node.target == aten.chunk.default:
+        return
+    if len(set(sizes)) == 1 and node.target == aten.split.Tensor:
+        node.args = (x, sizes[0], *node.args[2:])
+        return
+    node.target, node.args, node.kwargs = aten.split_with_sizes.default, (x, sizes, dim), {}
+
+
+def _split_dim(node: fx.Node) -> int:
+    ndim = len(node.args[0].meta["tensor_meta"].shape)
+    return int(arg(node, "dim", 0)) % ndim
+
+
+@register_rule(aten.split, aten.split_with_sizes, aten.chunk, aten.tensor_split, rewrite=_split_sizes_rewrite)
+def split_rule(w: Walk, node: fx.Node):
+    """Each output holds a consecutive run of the split dim's keys. ``chunk`` parts stay equal (index i of every
+    part goes together): the user's ``x.chunk(n)`` then still splits the pruned tensor the same way, so the model
+    can be written back (``to_model``)."""
+    x = w.keys(node.args[0])
+    dim = _split_dim(node)
+    keys, start, outs = w.dk(x, dim), 0, []
+    if node.target == aten.chunk.default:
+        _couple_equal_parts(w, keys, [int(m.shape[dim]) for m in node.meta["tensor_meta"]], node.name)
+    for meta in node.meta["tensor_meta"]:
+        n = int(meta.shape[dim])
+        outs.append(w.tensor([keys[start:start + n] if d == dim else w.dk(x, d) for d in range(len(x.dims))],
+                             node.name))
+        start += n
+    return tuple(outs)
+
+
+def _couple_equal_parts(w: Walk, keys, sizes: list[int], label: str) -> None:
+    if len(set(sizes)) != 1:
+        return
+    m = sizes[0]
+    for j in range(1, len(sizes)):
+        for i in range(m):
+            w.space.unify_keys(w.space.normalize(keys[i]), w.space.normalize(keys[j * m + i]), f"{label} (chunk)")
+
+
+@register_rule(aten.unbind)
+def unbind(w: Walk, node: fx.Node):
+    """Each output is one index of the unbound dim: that dim is fixed."""
+    x = w.keys(node.args[0])
+    dim = int(arg(node, "dim", 0)) % len(x.dims)
+    w.freeze_keys(w.dk(x, dim), f"{node.name}: unbind returns one tensor per index")
+    rest = [w.dk(x, d) for d in range(len(x.dims)) if d != dim]
+    return tuple(w.tensor(rest, node.name) for _ in range(x.sizes[dim]))
+
+
+@register_rule(aten.select)
+def select(w: Walk, node: fx.Node):
+    """Picks one index of a dim: that dim is fixed, the rest pass through."""
+    x = w.keys(node.args[0])
+    dim = int(node.args[1]) % len(x.dims)
+    w.freeze_keys(w.dk(x, dim), f"{node.name}: select picks a fixed index")
+    return w.tensor([w.dk(x, d) for d in range(len(x.dims)) if d != dim], node.name)
+
+
+def _slice_bounds(node: fx.Node, size: int) -> tuple[int, int, int, int]:
+    dim, start, end, step = int(arg(node, "dim", 0)), arg(node, "start"), arg(node, "end"), int(arg(node, "step", 1))
+    start, end, _ = slice(start if isinstance(start, int) else None,
+                          end if isinstance(end, int) else None).indices(size)
+    return dim, start, end, step
+
+
+def _symbolic_bounds(node: fx.Node) -> bool:
+    return any(isinstance(a, fx.Node) for a in node.args[2:4])
+
+
+def _slice_rewrite(node: fx.Node, resized) -> None:
+    if _symbolic_bounds(node):
+        return  # bounds computed at run time (a sequence length): the rule froze this dim
+    x = node.args[0]
+    old = tuple(int(s) for s in x.meta["tensor_meta"].shape)
+    dim, start, end, step = _slice_bounds(node, old[int(arg(node, "dim", 0)) % len(old)])
+    dim %= len(old)
+    kept = resized.kept_rows(x, dim)
+    if kept is None or bool(kept.all()):
+        return
+    new_start = int(kept[:start].sum())
+    new_end = new_start + int(kept[start:end].sum())
+    node.args = (x, dim, new_start, new_end if end < old[dim] else sys.maxsize, *node.args[4:])
+
+
+@register_rule(aten.slice, rewrite=_slice_rewrite)
+def slice_rule(w: Walk, node: fx.Node):
+    """A consecutive run of a dim's keys (a strided slice fixes the dim)."""
+    x = w.keys(node.args[0])
+    dim, start, end, step = _slice_bounds(node, x.sizes[int(arg(node, "dim", 0)) % len(x.dims)])
+    dim %= len(x.dims)
+    keys = w.dk(x, dim)
+    if _symbolic_bounds(node):
+        w.freeze_keys(keys, f"{node.name}: slice bounds known only at run time")
+        n = shape(node)[dim]
+        return w.tensor([w.fresh(n, f"{node.name}[{d}]", frozen="run-time slice") if d == dim else w.dk(x, d)
+                         for d in range(len(x.dims))], node.name)
+    if step != 1:
+        w.freeze_keys(keys, f"{node.name}: strided slice")
+    dims = [keys[start:end:step] if d == dim else w.dk(x, d) for d in range(len(x.dims))]
+    return w.tensor(dims, node.name)
+
+
+def _repeat_interleave_rewrite(node: fx.Node, resized) -> None:
+    dim = int(node.args[2]) if len(node.args) > 2 else int(node.kwargs.get("dim"))
+    repeats = resized.new_shape(node)[dim] // resized.new_shape(node.args[0])[dim]
+    node.args = (node.args[0], repeats, *node.args[2:])
+
+
+@register_rule(aten.repeat_interleave, rewrite=_repeat_interleave_rewrite)
+def repeat_interleave(w: Walk, node: fx.Node):
+    """Index (i, r) of the output repeats index i: a product with a new 'repeat' atom (GQA head sharing)."""
+    x = w.keys(node.args[0])
+    dim_arg = arg(node, "dim")
+    if x is None or not isinstance(node.args[1], int) or dim_arg is None:
+        return _freeze_through(w, node)
+    dim = int(dim_arg) % len(x.dims)
+    rep = w.fresh(int(node.args[1]), f"{node.name}/repeat")
+    dims = [product(w.space, [w.dk(x, d), rep], node.name) if d == dim else w.dk(x, d) for d in range(len(x.dims))]
+    return w.tensor(dims, node.name)
+
+
+def _advanced_index_layout(w: Walk, node: fx.Node, x, indices) -> list:
+    """Keys of ``x[indices]`` (advanced indexing): indexed dims of ``x`` are fixed and replaced by the broadcast
+    dims of the index tensors, at the first indexed position when the indexed dims are adjacent, else in front;
+    dims indexed by None pass through."""
+    indices = list(indices) + [None] * (len(x.dims) - len(indices))
+    picked = [d for d, i in enumerate(indices) if i is not None]
+    for d in picked:
+        w.freeze_keys(w.dk(x, d), f"{node.name}: indexed by a tensor")
+    tensors = [w.keys(indices[d]) for d in picked]
+    for tk in tensors:
+        w.freeze_value(tk, f"{node.name}: index tensor")
+    rank = max(len(tk.sizes) for tk in tensors)
+    bshape = [max([tk.sizes[k - rank + len(tk.sizes)] for tk in tensors if k - rank + len(tk.sizes) >= 0] or [1])
+              for k in range(rank)]
+    if len(tensors) == 1:
+        middle = [w.dk(tensors[0], k) for k in range(rank)]
+    else:
+        middle = [w.fresh(n, f"{node.name}/index[{k}]", frozen=f"{node.name}: index tensor") for k, n in
+                  enumerate(bshape)]
+    rest = [w.dk(x, d) for d in range(len(x.dims)) if indices[d] is None]
+    adjacent = picked == list(range(picked[0], picked[-1] + 1))
+    at = picked[0] if adjacent else 0
+    return rest[:at] + middle + rest[at:]
+
+
+def _index_args(w: Walk, node: fx.Node):
+    x, indices = w.keys(node.args[0]), node.args[1]
+    if x is None or not any(i is not None for i in indices):
+        return None, None
+    if any(i is not None and not isinstance(w.keys(i), TensorKeys) for i in indices):
+        return None, None
+    if any(i is not None and getattr(i.meta.get("tensor_meta"), "dtype", None) in (torch.bool, torch.uint8)
+           for i in indices):
+        return None, None  # a mask index consumes as many dims as it has: frozen through, not modelled
+    return x, indices
+
+
+@register_rule(aten.index, aten._unsafe_index)
+def index(w: Walk, node: fx.Node):
+    """x[..., idx, ...] with index tensors and None for whole dims (a table lookup such as relative position bias,
+    a gather of positions): indexed dims are fixed, the other dims pass through (see _advanced_index_layout)."""
+    x, indices = _index_args(w, node)
+    if x is None:
+        return _freeze_through(w, node)
+    return w.tensor(_advanced_index_layout(w, node, x, indices), node.name)
+
+
+@register_rule(aten.index_put, aten.index_put_, aten._unsafe_index_put)
+def index_put(w: Walk, node: fx.Node):
+    """x[indices] = values: the output is ``x``; indexed dims are fixed, and ``values`` (broadcast to the shape of
+    ``x[indices]``, aligned from the right) shares the pass-through dims it lines up with."""
+    x, indices = _index_args(w, node)
+    values = w.keys(node.args[2])
+    if x is None or not isinstance(values, TensorKeys):
+        return _freeze_through(w, node)
+    layout = _advanced_index_layout(w, node, x, indices)
+    for k in range(1, len(values.dims) + 1):
+        target = layout[-k] if k <= len(layout) else None
+        if target is not None and values.sizes[-k] == len(target):
+            w.unify(w.dk(values, -k), target, f"{node.name} (index_put values)")
+        else:
+            w.freeze_keys(w.dk(values, -k), f"{node.name}: broadcast into an indexed assignment")
+    return x
+
+
+@register_rule(aten.roll, aten.flip)
+def roll(w: Walk, node: fx.Node):
+    """Moves indices along the given dims: those dims are fixed, the others pass through."""
+    x = w.keys(node.args[0])
+    dims_arg = node.args[2] if node.target.overloadpacket is aten.roll else node.args[1]
+    for d in (dims_arg if isinstance(dims_arg, (list, tuple)) else [dims_arg]):
+        w.freeze_keys(w.dk(x, int(d)), f"{node.name}: indices move along this dim")
+    return x
+
+
+@register_rule(aten.pixel_shuffle)
+def pixel_shuffle(w: Walk, node: fx.Node):
+    """(C*r*r, H, W) -> (C, H*r, W*r): channels are (c, r*r); the r*r part moves into space (fixed)."""
+    x, r = w.keys(node.args[0]), int(node.args[1])
+    c, sub = split(w.space, w.dk(x, -3), [x.sizes[-3] // (r * r), r * r], node.name)
+    w.freeze_keys(sub, f"{node.name}: sub-pixel positions")
+    out = shape(node)
+    spatial = [w.fresh(n, f"{node.name}[{d}]", frozen="spatial") for d, n in enumerate(out[-2:])]
+    return w.tensor([w.dk(x, d) for d in range(len(x.dims) - 3)] + [c] + spatial, node.name)
+
+
+@register_rule(aten.pixel_unshuffle)
+def pixel_unshuffle(w: Walk, node: fx.Node):
+    """(C, H*r, W*r) -> (C*r*r, H, W): output channels are (c, sub-pixel position)."""
+    x, r = w.keys(node.args[0]), int(node.args[1])
+    sub = w.fresh(r * r, f"{node.name}/subpixel", frozen="sub-pixel positions")
+    out = shape(node)
+    spatial = [w.fresh(n, f"{node.name}[{d}]", frozen="spatial") for d, n in enumerate(out[-2:])]
+    return w.tensor([w.dk(x, d) for d in range(len(x.dims) - 3)] + [product(w.space, [w.dk(x, -3), sub], node.name)]
+                    + spatial, node.name)
+
+
+POOLS = (aten.max_pool1d, aten.max_pool2d, aten.max_pool3d, aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d,
+         aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d, aten.adaptive_max_pool2d,
+         aten.upsample_nearest2d, aten.upsample_bilinear2d)
+
+
+@register_rule(*POOLS)
+def pool(w: Walk, node: fx.Node):
+    """Pooling/resizing: batch and channel dims pass through, spatial dims are new and fixed."""
+    x = w.keys(node.args[0])
+    out = shape(node) if hasattr(node.meta.get("tensor_meta"), "shape") else tuple(node.meta["tensor_meta"][0].shape)
+    spatial = len(out) - 2 if len(out) > 2 else 1
+    lead = [w.dk(x, d) for d in range(len(out) - spatial)]
+    result = w.tensor(lead + [w.fresh(n, f"{node.name}[{d}]", frozen="spatial")
+                              for d, n in enumerate(out[len(lead):], start=len(lead))], node.name)
+    return result if hasattr(node.meta.get("tensor_meta"), "shape") else (result, result)
+
+
+def _freeze_through(w: Walk, node: fx.Node):
+    for a in node.args:
+        w.freeze_value(w.keys(a), f"{node.name}: unsupported form of {node.target}")
+    return value_keys(w, node, node.name, frozen=f"{node.name}: unsupported form of {node.target}")
+
+
+@register_rule(aten.gather)
+def gather(w: Walk, node: fx.Node):
+    """gather(x, dim, index): the output has index's shape; x's other dims line up with index's where sizes match."""
+    x, index = w.keys(node.args[0]), w.keys(node.args[2])
+    dim = int(node.args[1]) % len(x.dims)
+    w.freeze_keys(w.dk(x, dim), f"{node.name}: gathered by index")
+    for d in range(len(x.dims)):
+        if d != dim and x.sizes[d] == index.sizes[d]:
+            w.unify(w.dk(x, d), w.dk(index, d), f"{node.name} (gather)")
+    return index
+
+
+def _no_grad_region(w: Walk, node: fx.Node):
+    """A torch.no_grad() region captured whole (HF rotary tables): its inputs and outputs keep their sizes."""
+    for arg in node.args:
+        w.freeze_value(w.keys(arg), f"{node.name}: computed in a no_grad region (e.g. rotary tables)")
+    return value_keys(w, node, node.name, frozen=f"{node.name}: computed in a no_grad region (e.g. rotary tables)")
+
+
+try:  # the higher-order op torch.export uses for `with torch.no_grad():` blocks
+    from torch._higher_order_ops.wrap import wrap_with_set_grad_enabled
+
+    register_rule(wrap_with_set_grad_enabled)(_no_grad_region)
+except ImportError:  # older torch: such regions are frozen as unknown ops
+    pass

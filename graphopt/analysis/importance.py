@@ -1,0 +1,131 @@
+"""Channel importance: one score per channel of a ChannelGroup, aggregated over every member of the group.
+
+Criteria: ``l1``/``l2`` (weight magnitude), ``bn-scale`` (|gamma| of the group's BatchNorms, l1 where it has none),
+``taylor`` (first-order |w * dL/dw| from calibration batches, with the output's squared norm as the loss when none
+is given) and ``random``. Only trainable parameters count: BatchNorm running statistics are not weights.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.fx as fx
+
+from graphopt.util import distributed
+from graphopt.analysis.dependency.analysis import ChannelGroup
+from graphopt.graph.nodes import is_op, resolve
+from graphopt.graph.inputs import ExampleInputs, flat_outputs
+
+CRITERIA = ("l1", "l2", "bn-scale", "taylor", "random")
+
+
+def _row_scores(values: torch.Tensor, dim: int, power: int) -> torch.Tensor:
+    """Sum of |v|^power over everything but ``dim``: one number per index of ``dim``."""
+    values = values.detach()
+    others = [d for d in range(values.dim()) if d != dim]
+    if not others:
+        return values.float().abs().pow(power)
+    return torch.linalg.vector_norm(values, ord=power, dim=others, dtype=torch.float32).pow(power)
+
+
+def _pair_scores(values: torch.Tensor, power: int) -> torch.Tensor:
+    """|v|^power summed over every dim after the first two: an (out, in) matrix both row scores come from.
+
+    One contiguous pass over a weight serves its output-channel and input-channel groups, instead of two
+    reductions of which one is strided (3x faster on ResNet-50)."""
+    flat = values.detach().reshape(values.shape[0], values.shape[1], -1)
+    if flat.shape[2] == 1:
+        first = flat[..., 0].float()
+        return first.square() if power == 2 else first.abs().pow(power)
+    return torch.linalg.vector_norm(flat, ord=power, dim=2, dtype=torch.float32).pow(power)
+
+
+class RowScores:
+    """Row scores of parameters, each weight reduced once and reused by every group that holds one of its dims."""
+
+    def __init__(self, per_param: Callable[[str], torch.Tensor | None], power: int):
+        self.per_param, self.power = per_param, power
+        self._pairs: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, dim: int) -> torch.Tensor | None:
+        """One score per index of ``dim`` of parameter ``name`` (None for a non-weight)."""
+        values = self.per_param(name)
+        if values is None:
+            return None
+        if values.dim() < 2 or dim not in (0, 1):
+            return _row_scores(values, dim, self.power)
+        if name not in self._pairs:
+            self._pairs[name] = _pair_scores(values, self.power)
+        return self._pairs[name].sum(1 - dim)
+
+
+def aggregate(gm: fx.GraphModule, group: ChannelGroup, per_param: Callable[[str], torch.Tensor | None] | RowScores,
+              power: int) -> torch.Tensor:
+    """Score each channel by summing row scores of ``per_param(name)`` over all members of the group.
+
+    Pass one RowScores for many groups so that weights shared between groups are reduced once."""
+    rows_of = per_param if isinstance(per_param, RowScores) else RowScores(per_param, power)
+    score = torch.zeros(group.size, dtype=torch.float64)
+    for m in group.members:
+        rows = rows_of(m.param, m.dim)
+        if rows is None:
+            continue
+        score.index_add_(0, torch.from_numpy(m.channel), rows.double()[torch.from_numpy(m.rows)])
+    return score
+
+
+def bn_weights(gm: fx.GraphModule) -> set[str]:
+    """Names of the parameters used as BatchNorm scale (gamma)."""
+    aten = torch.ops.aten
+    return {n.args[1].target for n in gm.graph.nodes
+            if is_op(n, aten.batch_norm, aten._native_batch_norm_legit_no_training)
+            and isinstance(n.args[1], fx.Node) and n.args[1].op == "get_attr"}
+
+
+def taylor_saliency(gm: fx.GraphModule, batches: Iterable, loss_fn: Callable | None) -> dict[str, torch.Tensor]:
+    """Per-element |w * dL/dw| summed over batches (L: ``loss_fn(output, batch)``, or the output's mean square),
+    and over the batches of every rank when torch.distributed is initialized."""
+    params = dict(gm.named_parameters())
+    saliency = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+    for batch in batches:
+        inputs = ExampleInputs.of(batch)
+        for p in params.values():
+            p.grad = None
+        with torch.enable_grad():
+            out = inputs.call(gm)
+            loss = loss_fn(out, batch) if loss_fn else sum(o.float().pow(2).mean() for o in flat_outputs(out)
+                                                             if o.is_floating_point())
+            loss.backward()
+        for name, p in params.items():
+            if p.grad is not None:
+                saliency[name] += (p.detach() * p.grad).abs().float()
+    for p in params.values():
+        p.grad = None
+    names = sorted(saliency)  # every rank's data counts: one plan on every rank of a distributed job
+    return dict(zip(names, distributed.sum_tensors([saliency[n] for n in names])))
+
+
+def group_scores(gm: fx.GraphModule, groups: list[ChannelGroup], criterion: str, *, seed: int = 0,
+                 batches: Iterable | None = None, loss_fn: Callable | None = None) -> dict[int, torch.Tensor]:
+    """Scores of every channel of every group, keyed by group index."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown importance '{criterion}'; choose one of {', '.join(CRITERIA)}")
+    trainable = {name for name, p in gm.named_parameters()}
+    weights = lambda name: resolve(gm, name) if name in trainable else None  # noqa: E731
+    if criterion == "random":
+        gen = torch.Generator().manual_seed(seed)
+        return {g.index: torch.rand(g.size, generator=gen, dtype=torch.float64) for g in groups}
+    if criterion == "taylor":
+        saliency = RowScores(taylor_saliency(gm, batches, loss_fn).get, 1)
+        return {g.index: aggregate(gm, g, saliency, 1) for g in groups}
+    power = 2 if criterion == "l2" else 1
+    rows = RowScores(weights, power)
+    scores = {g.index: aggregate(gm, g, rows, power) for g in groups}
+    if criterion == "bn-scale":
+        gammas = bn_weights(gm)
+        for g in groups:
+            if set(g.params()) & gammas:
+                scores[g.index] = aggregate(gm, g, lambda n: resolve(gm, n) if n in gammas else None, 1)
+    return scores
+

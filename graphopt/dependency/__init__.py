@@ -1,6 +1,0 @@
-"""Dependency analysis: which channels of which parameters must be pruned together (see analysis.py)."""
-
-from graphopt.dependency.analysis import ChannelGroup, DependencyGraph, Member
-from graphopt.dependency.walk import Walk, register_rule
-
-__all__ = ["ChannelGroup", "DependencyGraph", "Member", "Walk", "register_rule"]

@@ -1,0 +1,11 @@
+"""Stage 5, deployment forms: ONNX export through one entry point (``export_onnx`` in onnx.py) with the formats
+capabilities register (formats.py: float, QDQ int8 in qdq_int8.py), writing and simplifying files (onnx_io.py),
+checking them in onnxruntime (onnx_verify.py), and the plain fast eager module (``graphopt.streamline``,
+streamline.py). compat.py keeps the deprecated ``export_qdq``.
+
+May import: graphopt.errors, graphopt.util, graphopt.graph, graphopt.quant.
+"""
+
+from graphopt.export.onnx import ExportError, ExportReport, export_onnx
+
+__all__ = ["ExportError", "ExportReport", "export_onnx"]

@@ -1,0 +1,187 @@
+"""Hugging Face configs after a write-back: one table of where each family keeps its sizes, one updater.
+
+A ``transformers`` model is rebuilt by ``from_pretrained`` from its ``config`` alone, so after pruning the config
+must describe the new module shapes: hidden size, attention and key/value heads, head_dim, intermediate size,
+number of layers and per-layer lists (``layer_types``); ``layer_idx`` of the kept layers is renumbered so that the
+KV cache indexes the right slot. Family knowledge (module names, config field names) lives in ``FAMILIES`` only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a family keeps its sizes, relative to one layer of its layer list.
+
+    ``q``/``k``: query/key projections; ``qkv``: a fused projection and how many equal parts it holds (GPT-2's
+    ``c_attn``: 3) or None for (heads + 2 * kv_heads) * head_dim (Phi-3); ``up``: the MLP's widening layer (a fused
+    gate+up counts half); ``intermediate``: the config field of the MLP width; ``head_dim``: whether the family's
+    attention reads ``config.head_dim`` (else it derives hidden_size // num_attention_heads)."""
+
+    layers: str
+    q: str = ""
+    k: str = ""
+    qkv: str = ""
+    qkv_parts: int | None = 3
+    up: str = ""
+    up_fused: bool = False
+    intermediate: str = "intermediate_size"
+    head_dim: bool = True  # the attention reads config.head_dim (else head_dim = hidden_size // heads)
+    o: str = ""  # the attention's output projection: its input width counts the query heads of a (h + 2 kv) qkv
+    embed_fields: tuple = ()  # more config fields that hold the embedding width (OPT's word_embed_proj_dim)
+    embed_scaled: bool = False  # embeddings are scaled by sqrt(hidden_size) (Gemma): that scale cannot change
+
+
+_LLAMA = Family("model.layers", q="self_attn.q_proj", k="self_attn.k_proj", up="mlp.up_proj")
+FAMILIES: dict[str, Family] = {
+    **{t: _LLAMA for t in ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "granite", "smollm3", "cohere",
+                           "stablelm")},
+    **{t: Family("model.layers", q="self_attn.q_proj", k="self_attn.k_proj", up="mlp.up_proj", embed_scaled=True)
+       for t in ("gemma", "gemma2", "gemma3_text")},
+    "phi3": Family("model.layers", qkv="self_attn.qkv_proj", qkv_parts=None, up="mlp.gate_up_proj", up_fused=True,
+                   o="self_attn.o_proj"),
+    "phi": Family("model.layers", q="self_attn.q_proj", k="self_attn.k_proj", up="mlp.fc1"),
+    "gpt2": Family("transformer.h", qkv="attn.c_attn", up="mlp.c_fc", intermediate="n_inner", head_dim=False),
+    "gpt_neox": Family("gpt_neox.layers", qkv="attention.query_key_value", up="mlp.dense_h_to_4h", head_dim=False),
+    "opt": Family("model.decoder.layers", q="self_attn.q_proj", k="self_attn.k_proj", up="fc1", intermediate="ffn_dim",
+                  head_dim=False, embed_fields=("word_embed_proj_dim",)),
+    "falcon": Family("transformer.h", qkv="self_attention.query_key_value", qkv_parts=None, o="self_attention.dense",
+                     up="mlp.dense_h_to_4h", intermediate="ffn_hidden_size", head_dim=False),
+    "bloom": Family("transformer.h", qkv="self_attention.query_key_value", up="mlp.dense_h_to_4h",
+                    intermediate="", head_dim=False),
+    "bert": Family("encoder.layer", q="attention.self.query", k="attention.self.key", up="intermediate.dense",
+                   head_dim=False),
+    "roberta": Family("encoder.layer", q="attention.self.query", k="attention.self.key", up="intermediate.dense",
+                      head_dim=False),
+    "vit": Family("encoder.layer", q="attention.attention.query", k="attention.attention.key",
+                  up="intermediate.dense", head_dim=False),
+}
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``transformers.PreTrainedModel`` (without importing transformers if it is absent)."""
+    return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers")
+               for c in type(model).__mro__)
+
+
+def update_config(model: nn.Module, deleted: list[tuple[str, int]]) -> list[str]:
+    """Make ``model.config`` describe its modules; renumber ``layer_idx``. Returns warnings (sizes the config
+    cannot describe: widths that differ per layer, an unknown family)."""
+    config = model.config
+    family = FAMILIES.get(config.model_type)
+    layers = _layer_list(model, family)
+    head_dim = _head_dim(config)  # before the hidden size changes: configs without head_dim derive it from that
+    _drop_layers(model, config, layers, deleted)
+    embeddings = model.get_input_embeddings()
+    notes = []
+    if isinstance(embeddings, nn.Embedding) and embeddings.embedding_dim != config.hidden_size:
+        if family is not None and family.embed_scaled:
+            notes.append(f"{config.model_type} scales its embeddings by sqrt(hidden_size); the pruned graph keeps "
+                         f"sqrt({config.hidden_size}), a config of hidden size {embeddings.embedding_dim} would not, so "
+                         "from_pretrained cannot rebuild this model: keep the hidden size "
+                         "(ignore=[model.embed_tokens]) or save it with torch.save")
+        for name in ("hidden_size", *(family.embed_fields if family else ())):
+            _set(config, name, embeddings.embedding_dim)
+    if family is None:
+        return [f"{type(model).__name__} (model_type '{config.model_type}') has no entry in graphopt.result.hf_config."
+                "FAMILIES: only the hidden size and layer count of its config were updated"]
+    if layers is None or not len(layers):
+        return notes
+    return notes + _update_widths(config, family, layers, head_dim)
+
+
+def _layer_list(model: nn.Module, family: Family | None) -> nn.ModuleList | None:
+    if family is None:
+        return None
+    for path in (family.layers, family.layers.partition(".")[2]):
+        try:
+            found = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(found, nn.ModuleList):
+            return found
+    return None
+
+
+def _drop_layers(model: nn.Module, config, layers: nn.ModuleList | None, deleted: list[tuple[str, int]]) -> None:
+    """After layers were deleted: the layer count, per-layer config lists, and every ``layer_idx`` renumbered."""
+    if layers is None:
+        return
+    old_count = config.num_hidden_layers
+    gone = {index for path, index in deleted if model.get_submodule(path) is layers}
+    for key, value in list(vars(config).items()):
+        if isinstance(value, list) and len(value) == old_count and gone:
+            setattr(config, key, [v for i, v in enumerate(value) if i not in gone])
+    _set(config, "num_hidden_layers", len(layers))
+    for i, layer in enumerate(layers):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx") and isinstance(module.layer_idx, int):
+                module.layer_idx = i
+
+
+def _update_widths(config, family: Family, layers: nn.ModuleList, head_dim: int) -> list[str]:
+    per_layer = [_widths(layer, family, head_dim) for layer in layers]
+    warnings = []
+    if any(w != per_layer[0] for w in per_layer):
+        warnings.append(f"the layers of this {config.model_type} model have different widths after pruning "
+                        f"({sorted(set(per_layer))}); its config can describe only one, so from_pretrained cannot "
+                        "rebuild it: save it with graphopt.save or torch.save, or prune with uniform widths")
+    heads, kv_heads, intermediate = per_layer[0]
+    if heads:
+        _set(config, "num_attention_heads", heads)
+    if kv_heads and hasattr(config, "num_key_value_heads"):
+        _set(config, "num_key_value_heads", kv_heads)
+    if heads and family.head_dim:
+        config.head_dim = head_dim  # explicit: hidden_size // heads may no longer give it
+    elif heads and heads * head_dim != config.hidden_size:
+        warnings.append(f"{config.model_type} configs derive head_dim from hidden_size / num_attention_heads; "
+                        f"{heads} heads of {head_dim} no longer fit hidden size {config.hidden_size}, so "
+                        "from_pretrained cannot rebuild this model: save it with torch.save or graphopt.save")
+    if intermediate and family.intermediate:
+        _set(config, family.intermediate, intermediate)
+    return warnings
+
+
+def _head_dim(config) -> int:
+    explicit = getattr(config, "head_dim", None)
+    return int(explicit) if explicit else config.hidden_size // config.num_attention_heads
+
+
+def _widths(layer: nn.Module, family: Family, head_dim: int) -> tuple[int, int, int]:
+    """(heads, key/value heads, MLP width) of one layer, from its weights."""
+    heads = kv = 0
+    if family.q:
+        heads = _out(layer, family.q) // head_dim
+        kv = _out(layer, family.k) // head_dim
+    elif family.qkv and family.qkv_parts:
+        heads = kv = _out(layer, family.qkv) // family.qkv_parts // head_dim
+    elif family.qkv:  # (heads + 2 kv) * head_dim rows; the output projection reads heads * head_dim
+        heads = _in(layer, family.o) // head_dim
+        kv = (_out(layer, family.qkv) // head_dim - heads) // 2
+    up = _out(layer, family.up) if family.up else 0
+    return heads, kv, up // 2 if family.up_fused else up
+
+
+def _out(layer: nn.Module, path: str) -> int:
+    try:
+        module = layer.get_submodule(path)
+    except AttributeError:
+        return 0
+    if isinstance(module, nn.Sequential):  # a low-rank pair: the second layer gives the width
+        module = module[-1]
+    weight = module.weight
+    return weight.shape[1] if type(module).__name__ == "Conv1D" else weight.shape[0]
+
+
+def _in(layer: nn.Module, path: str) -> int:
+    module = layer.get_submodule(path)
+    return module[0].weight.shape[1] if isinstance(module, nn.Sequential) else module.weight.shape[1]
+
+
+def _set(config, field: str, value) -> None:
+    if field and (hasattr(config, field) or field in getattr(config, "attribute_map", {})):
+        setattr(config, field, value)
