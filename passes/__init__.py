@@ -3,7 +3,7 @@
 Every module in this folder is imported, so a new pass only needs its own file: no list to keep in step.
 
 May import: graphopt.errors, graphopt.util, graphopt.graph, graphopt.analysis, graphopt.pipeline, graphopt.quant,
-graphopt.kernels.
+graphopt.calibration, graphopt.kernels.
 """
 
 import importlib

@@ -1,4 +1,11 @@
-"""``sparsify``: magnitude sparsity with patterns, held as masks until lowering.
+"""``sparsify``: weight sparsity with patterns, held as masks until lowering; by magnitude or from calibration data.
+
+Methods (``method=``): ``magnitude`` (the default; ``calib_data`` is not used), and two one-shot, data-aware ones
+that need ``calib_data`` and run the layers in graph order, each on the inputs the already-pruned layers before it
+produce (graphopt/calibration/): ``wanda`` scores ``|W_ij| * ||x_j||`` per output row, ``sparsegpt`` chooses by
+the OBS saliency and updates the weights that stay with the layer's input Hessian (damped by ``damp`` times its
+mean diagonal; ``block_size`` columns per lazy update). Both take unstructured and N:M patterns, one step, layer-wise
+thresholds.
 
 Which weights: the weight of every ``aten.linear``, ``aten.conv1d/2d/3d`` and ``aten.addmm``/``aten.mm`` node
 (``x @ W``, Hugging Face GPT-2's Conv1D) that reads it through a ``get_attr`` node. Patterns always refer to the
@@ -38,7 +45,9 @@ from typing import Callable, ClassVar
 import torch
 import torch.fx as fx
 
+from graphopt.calibration.prune_weights import METHODS, WeightTarget, prune_with_data
 from graphopt.errors import InputError, PassError, PipelineError
+from graphopt.graph.inputs import check_batches
 from graphopt.graph.nodes import is_op, resolve
 from graphopt.graph.layers import output_layers
 from graphopt.pipeline.pass_base import Context, Pass, PassResult
@@ -73,6 +82,9 @@ class Sparsify(Pass):
     steps: int = 1
     initial_sparsity: float = 0.0
     finetune: Callable | None = None  # finetune(gm, step) between steps
+    method: str = "magnitude"  # magnitude | wanda | sparsegpt (the last two need calib_data)
+    damp: float = 0.01  # sparsegpt: Hessian damping, as a share of its mean diagonal
+    block_size: int = 128  # sparsegpt: columns per lazy update block
 
     def __post_init__(self):
         for option, example in (("sparsities", "0.9"), ("patterns", "'1x4'")):
@@ -92,6 +104,21 @@ class Sparsify(Pass):
         _check_sparsity("initial_sparsity", self.initial_sparsity)
         if self.steps < 1:
             raise PipelineError(f"sparsify: steps must be >= 1, got {self.steps}")
+        self._check_method()
+
+    def _check_method(self) -> None:
+        if self.method not in ("magnitude", *METHODS):
+            raise PipelineError(f"sparsify: method must be one of magnitude, {', '.join(METHODS)}; got "
+                                f"{self.method!r}")
+        if self.method == "magnitude":
+            return
+        patterns = [_parse(self.pattern), *(_parse(p) for _, p in self.patterns)]
+        if any(not (p.is_nm or str(p) == "unstructured") for p in patterns):
+            raise PipelineError(f"sparsify: method '{self.method}' supports unstructured and N:M patterns; use "
+                                "method=magnitude for block patterns")
+        if self.steps != 1 or self.global_threshold:
+            raise PipelineError(f"sparsify: method '{self.method}' is one-shot and layer-wise: leave steps=1 and "
+                                "global_threshold=False")
 
     @property
     def target(self) -> float:
@@ -101,6 +128,8 @@ class Sparsify(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         self._check_names(gm)
+        if self.method != "magnitude":
+            return self._run_with_data(gm, ctx)
         modified, stats = False, {}
         for step in range(1, self.steps + 1):
             changed, stats = self._apply(gm, step / self.steps)
@@ -111,12 +140,33 @@ class Sparsify(Pass):
         decisions.update({_owner(n): why for n, why in stats.get("skipped", {}).items()})
         return PassResult(gm, modified=modified, stats={**stats, "steps": self.steps}, decisions=decisions)
 
+    def _run_with_data(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
+        batches = check_batches(ctx.calib_data, ctx.inputs, needed_by=f"sparsify method={self.method}",
+                                pipeline=f"sparsify:method={self.method}")
+        layers, skipped = self._layers(gm)
+        targets = {}
+        for node in gm.graph.nodes:
+            slot = _weight_slot(node)
+            name = node.args[slot[0]].target if slot else None
+            if name in layers and all(t.name != name for t in targets.values()):
+                pattern, target, transposed = layers[name]
+                targets[node] = WeightTarget(name, pattern, self.target if target is None else target, transposed)
+        notes = prune_with_data(gm, batches, targets, self.method, damp=self.damp, block_size=self.block_size)
+        stats = self._stats(gm, layers, skipped)
+        decisions = {_owner(n): f"{s:.1%} zeros ({notes.get(n, self.method)})" for n, s in stats["per_layer"].items()}
+        decisions.update({_owner(n): why for n, why in skipped.items()})
+        return PassResult(gm, modified=bool(notes), stats={**stats, "steps": 1, "method": self.method},
+                          decisions=decisions)
+
     def apply(self, gm: fx.GraphModule, progress: float = 1.0) -> dict:
         """Set the masks of ``gm`` (in place) to where the cubic schedule stands at ``progress`` in [0, 1].
 
         For fine-tuning loops of your own: call it every few optimizer steps with ``progress = step / total``;
         returns the same stats as the pass.
         """
+        if self.method != "magnitude":
+            raise PipelineError(f"sparsify: apply() follows the magnitude schedule; method={self.method} is one-shot: "
+                                "run the pass with calib_data instead")
         self._check_names(gm)
         return self._apply(gm, progress)[1]
 

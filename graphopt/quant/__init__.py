@@ -5,7 +5,7 @@ calls around it: ``prepare_qat``/``convert`` for quantization-aware training. ON
 (it writes a fake-quant graph as QDQ int8, see graphopt/export/qdq_int8.py); ``export_qdq`` is its deprecated older
 name.
 
-May import: graphopt.errors, graphopt.util, graphopt.graph, graphopt.analysis.
+May import: graphopt.errors, graphopt.util, graphopt.graph, graphopt.analysis, graphopt.calibration.
 """
 
 import importlib

@@ -16,6 +16,7 @@ import torch.fx as fx
 from graphopt.util import distributed
 from graphopt.errors import InputError, MissingDataError
 from graphopt.graph.inputs import ExampleInputs
+from graphopt.graph.inputs import check_batches as check_calibration_batches
 from graphopt.util.progress import progress
 from graphopt.quant.quantizer import quantizers
 
@@ -26,45 +27,8 @@ NO_DATA = f"{NO_DATA_PROBLEM}: {NO_DATA_REMEDY}"
 
 
 def check_batches(calib_data: Iterable | None, example: ExampleInputs) -> list[ExampleInputs]:
-    """The batches as ExampleInputs, each checked against ``example``; InputError naming the first bad one."""
-    if calib_data is None:  # MissingDataError: the CLI names its --calib flag instead of calib_data=
-        raise MissingDataError(NO_DATA_PROBLEM, NO_DATA_REMEDY, keyword="calib_data")
-    if isinstance(calib_data, (torch.Tensor, dict)):
-        raise InputError(
-            f"calib_data must be an iterable of batches, got a single {type(calib_data).__name__}; "
-            "wrap it in a list: calib_data=[batch]"
-        )
-    batches = [ExampleInputs.of(b) for b in calib_data]
-    if not batches:
-        raise InputError(f"calib_data is empty; {NO_DATA}")
-    for i, batch in enumerate(batches):
-        _check_like(i, batch, example)
-    return batches
-
-
-def _check_like(index: int, batch: ExampleInputs, example: ExampleInputs) -> None:
-    want = dict(_named_tensors(example))
-    got = dict(_named_tensors(batch))
-    if set(want) != set(got):
-        raise InputError(
-            f"calibration batch {index} has inputs {sorted(got)} but the model was traced with {sorted(want)}; "
-            "give every batch the same structure as example_inputs"
-        )
-    for name, w in want.items():
-        g = got[name]
-        free = {0} | ({1} if w.dim() >= 2 and not w.dtype.is_floating_point else set())  # batch (and sequence)
-        same = g.dim() == w.dim() and all(g.shape[d] == w.shape[d] for d in range(w.dim()) if d not in free)
-        if not same or g.dtype != w.dtype:
-            raise InputError(
-                f"calibration batch {index}: input {name} is {tuple(g.shape)} {str(g.dtype).removeprefix('torch.')}, "
-                f"but the model was traced with {tuple(w.shape)} {str(w.dtype).removeprefix('torch.')}; only the batch "
-                "dimension may differ"
-            )
-
-
-def _named_tensors(inputs: ExampleInputs) -> list[tuple[str, torch.Tensor]]:
-    flat, _ = torch.utils._pytree.tree_flatten_with_path((inputs.args, inputs.kwargs))
-    return [(torch.utils._pytree.keystr(path), x) for path, x in flat if isinstance(x, torch.Tensor)]
+    """The batches as ExampleInputs, each checked against ``example`` (graphopt/graph/inputs.py), for fake-quant."""
+    return check_calibration_batches(calib_data, example, needed_by="fake-quant", why=" to choose its scales")
 
 
 def observe(gm: fx.GraphModule, batches: list[ExampleInputs], desc: str = "calibrating") -> None:

@@ -1,0 +1,114 @@
+"""Data-aware weight sparsity on the sequential engine: Wanda masks and SparseGPT masks with weight updates.
+
+The sparsify pass chooses the layers, patterns and sparsities (passes/sparsify.py); this module computes each
+layer's mask from the inputs it sees on calibration data, after every layer before it was pruned
+(graphopt/calibration/engine.py), and stores it as the same WeightMask parametrization magnitude sparsity uses, so
+lowering and the kernels see no difference. SparseGPT also rewrites the weights that stay (the dense ``original``
+under the mask). A grouped conv is solved group by group, each group on its own inputs; 3-D convs get a magnitude
+mask, and their decision says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.fx as fx
+
+from graphopt.analysis.sparsity import Pattern, magnitude_mask, register_mask, weight_masks
+from graphopt.calibration.engine import NodeInputs, run_sequentially
+from graphopt.calibration.sparsegpt import sparsegpt
+from graphopt.calibration.statistics import InputStatistics, conv_input_rows
+from graphopt.calibration.wanda import wanda_mask
+from graphopt.graph.inputs import ExampleInputs
+from graphopt.graph.nodes import arg, is_op, owner_and_leaf, resolve
+from graphopt.util import distributed
+
+__all__ = ["METHODS", "WeightTarget", "prune_with_data"]
+
+aten = torch.ops.aten
+METHODS = ("wanda", "sparsegpt")
+
+
+@dataclass(frozen=True)
+class WeightTarget:
+    """One weight to prune: its qualified name, pattern, sparsity, and whether it is stored (in, out)."""
+
+    name: str
+    pattern: Pattern
+    sparsity: float
+    transposed: bool
+
+
+def prune_with_data(gm: fx.GraphModule, batches: Sequence[ExampleInputs], targets: dict[fx.Node, WeightTarget],
+                    method: str, *, damp: float = 0.01, block_size: int = 128) -> dict[str, str]:
+    """Prune every target layer of ``gm`` in place with ``method``; returns ``{weight name: how it was pruned}``."""
+    notes: dict[str, str] = {}
+
+    def visit(inputs: NodeInputs) -> None:
+        target = targets[inputs.node]
+        stored = resolve(gm, target.name).detach()
+        parts = _input_rows(inputs, stored.shape)
+        if parts is None:
+            register_mask(gm, target.name, magnitude_mask(stored, target.sparsity, target.pattern), str(target.pattern))
+            notes[target.name] = "magnitude: its inputs are not unfolded into rows here (3-D conv)"
+            return
+        matrix = stored.t() if target.transposed else stored.reshape(stored.shape[0], -1)
+        new, keep = matrix.clone(), torch.ones_like(matrix, dtype=torch.bool)
+        for rows_slice, rows in parts:  # one part per conv group (a single part for every other layer)
+            new[rows_slice], keep[rows_slice] = _solve(matrix[rows_slice], rows, target, method, damp, block_size)
+        as_stored = (lambda t: t.t()) if target.transposed else (lambda t: t.reshape(stored.shape))
+        _write_original(gm, target.name, as_stored(new))
+        register_mask(gm, target.name, as_stored(keep).contiguous(), str(target.pattern))
+        count = sum(r.shape[0] for r in parts[0][1])
+        notes[target.name] = f"{method} on {count} input rows" + (f" per group, {len(parts)} groups"
+                                                                  if len(parts) > 1 else "")
+
+    run_sequentially(gm, batches, visit, lambda node: node in targets, desc=f"sparsify ({method})")
+    return notes
+
+
+def _solve(matrix: torch.Tensor, rows: list[torch.Tensor], target: WeightTarget, method: str, damp: float,
+           block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(new weight, keep mask) of one (out, in) matrix from the rows it saw, statistics summed over all ranks."""
+    stats = InputStatistics(matrix.shape[1], gram=method == "sparsegpt", layer=target.name)
+    for r in rows:
+        stats.add(r)
+    stats = InputStatistics.from_tensors(distributed.sum_tensors(stats.tensors()), layer=target.name)
+    n, m = (target.pattern.n, target.pattern.m) if target.pattern.is_nm else (0, 0)
+    sparsity = 1 - n / m if m else target.sparsity
+    if method == "wanda":
+        return matrix, wanda_mask(matrix, stats.column_norms, sparsity, n=n, m=m, layer=target.name)
+    return sparsegpt(matrix, stats.hessian, sparsity, n=n, m=m, block_size=block_size, damp=damp, layer=target.name)
+
+
+def _input_rows(inputs: NodeInputs, weight_shape: torch.Size) -> list[tuple[slice, list[torch.Tensor]]] | None:
+    """Per part of the weight matrix (its rows), the input rows of every batch it multiplies; None for layers whose
+    inputs are not unfolded here."""
+    node, everything = inputs.node, slice(None)
+    if is_op(node, aten.linear):
+        return [(everything, [x.reshape(-1, x.shape[-1]) for x in inputs.arg(0)])]
+    if is_op(node, aten.addmm):
+        return [(everything, inputs.arg(1))]
+    if is_op(node, aten.mm):
+        return [(everything, inputs.arg(0))]
+    if not is_op(node, aten.conv1d, aten.conv2d):
+        return None
+    groups = int(arg(node, "groups", 1))
+    options = dict(stride=arg(node, "stride", 1), padding=arg(node, "padding", 0), dilation=arg(node, "dilation", 1))
+    rows = [conv_input_rows(x, weight_shape, groups=groups, **options) for x in inputs.arg(0)]
+    if groups == 1:
+        return [(everything, rows)]
+    per = weight_shape[0] // groups
+    return [(slice(g * per, (g + 1) * per), [r[g] for r in rows]) for g in range(groups)]
+
+
+def _write_original(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
+    """Store ``value`` as the dense weight (under its mask, when it has one)."""
+    masks = weight_masks(gm)
+    owner, leaf = owner_and_leaf(gm, name)
+    if name in masks:
+        owner.parametrizations[leaf].original.copy_(value)
+    else:
+        getattr(owner, leaf).copy_(value)
