@@ -53,7 +53,8 @@ def optimized(model, passes, x, batches):
 
 
 def plans(model, x, batches, world) -> dict:
-    """Taylor pruning, layer-removal scores, observer scales, sensitivities and activation zero counts."""
+    """Taylor pruning, layer-removal scores, observer scales, sensitivities, activation zero counts, one-shot
+    sparsity (SparseGPT, Wanda) and BatchNorm re-estimation."""
     out = {}
     out["taylor"] = state(optimized(model, "prune-channels:ratio=0.5,importance=taylor", x, batches).module)
     for criterion in ("block-influence", "output-error", "angular"):
@@ -65,6 +66,9 @@ def plans(model, x, batches, world) -> dict:
     stats = optimized(model, "fake-quant:keep_float=1,sensitivity_batches=8", x, batches).report.records[0].stats
     out["sensitivity"] = (stats["sensitivity"], stats["kept_float"])
     out["zeros"] = zero_fractions(batches)
+    out["sparsegpt"] = state(optimized(model, "sparsify:method=sparsegpt", x, batches).module)
+    out["wanda"] = state(optimized(model, "sparsify:method=wanda,pattern=2:4,skip_unfit=true", x, batches).module)
+    out["recalibrate-bn"] = state(optimized(model, "prune-channels:ratio=0.5,recalibrate-bn", x, batches).module)
     return out
 
 

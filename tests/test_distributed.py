@@ -67,6 +67,18 @@ def test_taylor_pruning_plan_is_identical_on_both_ranks_and_equals_one_process_o
     assert dist_state["blocks.0.conv1.weight"].shape[0] == 16
 
 
+@pytest.mark.parametrize("key", ["sparsegpt", "wanda", "recalibrate-bn"])
+def test_one_shot_masks_weights_and_batchnorm_statistics_are_identical_on_both_ranks(ranks, key):
+    check_synchronized(ranks, key)
+    union, dist_state = ranks[0]["union"][key], ranks[0]["distributed"][key]
+    masks = [k for k in dist_state if k.endswith(".mask")]
+    assert masks or key == "recalibrate-bn"
+    assert all(torch.equal(dist_state[k], union[k]) for k in masks)  # the masks one process on all data picks
+    for k, v in dist_state.items():  # weights and statistics equal up to the order the ranks' sums were added in
+        if v.is_floating_point():
+            torch.testing.assert_close(v, union[k], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("criterion", ["block-influence", "output-error", "angular"])
 def test_layer_removal_scores_are_identical_on_both_ranks(ranks, criterion):
     key = f"remove/{criterion}"
