@@ -21,7 +21,7 @@ import torch.fx as fx
 from graphopt.calibration.engine import NodeInputs, run_sequentially
 from graphopt.graph.inputs import check_batches
 from graphopt.graph.layers import layer_name
-from graphopt.graph.nodes import arg, is_op
+from graphopt.graph.nodes import arg, is_op, resolve
 from graphopt.graph.patterns import matches_any, unmatched
 from graphopt.errors import PipelineError
 from graphopt.pipeline.pass_base import Context, Pass, PassResult
@@ -85,11 +85,6 @@ def _reestimate(gm: fx.GraphModule, inputs: NodeInputs) -> int:
     var = (sums[1] - count * mean * mean).clamp_min(0) / (count - 1).clamp_min(1)
     mean_target, var_target = _running_buffers(inputs.node)
     for target, value in ((mean_target, mean), (var_target, var)):
-        buffer = gm.get_buffer(target) if _is_buffer(gm, target) else gm.get_parameter(target)
-        buffer.copy_(value.to(buffer.dtype))
+        stored = resolve(gm, target)
+        stored.copy_(value.to(stored.dtype))
     return int(count[0])
-
-
-def _is_buffer(gm: fx.GraphModule, target: str) -> bool:
-    owner, _, leaf = target.rpartition(".")
-    return leaf in (gm.get_submodule(owner) if owner else gm)._buffers

@@ -7,8 +7,8 @@ statistics and change the graph's parameters or buffers (prune a weight, re-esti
 runs with the changed tensors, so everything after it sees the compressed model. Parameters are read at the node
 that uses them, never cached. Each value is freed after its last user has run: memory holds the activations live at
 one point of the graph (the residual stream plus the block being worked on) for every batch, not those of the whole
-model. Statistics a visitor gathers are combined across torch.distributed ranks by the visitor
-(``InputStatistics.all_reduce``), so every rank makes the same decision.
+model. Statistics a visitor gathers are combined across torch.distributed ranks by the visitor (summing
+``InputStatistics.tensors()``), so every rank makes the same decision.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 
 from graphopt.graph.inputs import ExampleInputs
+from graphopt.graph.nodes import resolve
 from graphopt.graph.shapes import GraphRunError, flat_graph_inputs
 from graphopt.util.progress import progress
 
@@ -126,17 +127,10 @@ def _last_uses(nodes: list[fx.Node]) -> dict[int, list[fx.Node]]:
 def _load(value: Any, env: "_Values", gm: fx.GraphModule, batch: int) -> Any:
     def one(node: fx.Node) -> Any:
         if node.op == "get_attr":
-            return _fetch(gm, node.target)
+            return resolve(gm, node.target)
         return env[node][batch]
 
     return fx.node.map_arg(value, one)
-
-
-def _fetch(gm: fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _execute(gm: fx.GraphModule, node: fx.Node, args: tuple, kwargs: dict) -> Any:

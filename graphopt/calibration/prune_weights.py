@@ -15,8 +15,9 @@ from typing import Sequence
 
 import torch
 import torch.fx as fx
+import torch.nn.utils.parametrize as parametrize
 
-from graphopt.analysis.sparsity import Pattern, magnitude_mask, register_mask, weight_masks
+from graphopt.analysis.sparsity import Pattern, magnitude_mask, register_mask
 from graphopt.calibration.engine import NodeInputs, run_sequentially
 from graphopt.calibration.sparsegpt import sparsegpt
 from graphopt.calibration.statistics import InputStatistics, conv_input_rows
@@ -106,9 +107,8 @@ def _input_rows(inputs: NodeInputs, weight_shape: torch.Size) -> list[tuple[slic
 
 def _write_original(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
     """Store ``value`` as the dense weight (under its mask, when it has one)."""
-    masks = weight_masks(gm)
     owner, leaf = owner_and_leaf(gm, name)
-    if name in masks:
+    if parametrize.is_parametrized(owner, leaf):
         owner.parametrizations[leaf].original.copy_(value)
     else:
         getattr(owner, leaf).copy_(value)

@@ -14,16 +14,11 @@ import torch
 import torch.fx as fx
 
 from graphopt.util import distributed
-from graphopt.errors import InputError, MissingDataError
+from graphopt.errors import InputError
 from graphopt.graph.inputs import ExampleInputs
 from graphopt.graph.inputs import check_batches as check_calibration_batches
 from graphopt.util.progress import progress
 from graphopt.quant.quantizer import quantizers
-
-NO_DATA_PROBLEM = "fake-quant needs calibration data to choose its scales"
-NO_DATA_REMEDY = ("pass graphopt.optimize(model, 'fake-quant', example_inputs, calib_data=batches) with an iterable "
-                  "of input batches shaped like example_inputs")
-NO_DATA = f"{NO_DATA_PROBLEM}: {NO_DATA_REMEDY}"
 
 
 def check_batches(calib_data: Iterable | None, example: ExampleInputs) -> list[ExampleInputs]:
