@@ -1,5 +1,6 @@
 """One-shot channel pruning on the demo's trained digits network, no fine-tuning: graphopt's plain L2 pruning, the
-same followed by ``recalibrate-bn``, and Torch-Pruning (L2) with and without a BatchNorm re-estimation on the same
+same followed by ``recalibrate-bn``, with ``reconstruct=true`` (least-squares refit of the layers reading removed
+channels, their mean folded into the next BatchNorm) and with ``importance=activation``; and Torch-Pruning (L2) with and without a BatchNorm re-estimation on the same
 calibration batches, at the same ratio and at the ratio that keeps as many parameters as graphopt's result (one ratio
 removes more in Torch-Pruning, which also prunes the residual stream feeding the ignored head).
 
@@ -78,6 +79,13 @@ def rows_for(model, data, calib, ratio: float) -> list[tuple[str, float, float]]
     out.append(("graphopt l2", accuracy(plain, x_test, y_test), params(plain)))
     recal = graphopt.optimize(model, [prune, "recalibrate-bn"], example, calib_data=calib).module
     out.append(("graphopt l2 + recalibrate-bn", accuracy(recal, x_test, y_test), params(recal)))
+    for label, passes in (("l2 + reconstruct", [prune + ",reconstruct=true"]),
+                          ("l2 + reconstruct + recalibrate-bn", [prune + ",reconstruct=true", "recalibrate-bn"]),
+                          ("activation + recalibrate-bn", [prune + ",importance=activation", "recalibrate-bn"]),
+                          ("activation + reconstruct + recalibrate-bn",
+                           [prune + ",importance=activation,reconstruct=true", "recalibrate-bn"])):
+        pruned = graphopt.optimize(model, passes, example, calib_data=calib).module
+        out.append((f"graphopt {label}", accuracy(pruned, x_test, y_test), params(pruned)))
     same_budget = _ratio_for_budget(model, example, params(recal), params)
     for label, tp_ratio in ((f"ratio {ratio:g}", ratio), (f"same parameters (ratio {same_budget:.3f})", same_budget)):
         tp_model = torch_pruning(model, example, tp_ratio)

@@ -4,6 +4,14 @@ Each step analyses the graph, scores every channel of every prunable group, plan
 same ratio in every group; global: lowest normalized scores across groups), and applies the plan in one place
 (graphopt.analysis.dependency.apply). Parameters physically shrink; nothing is masked. With ``steps > 1`` the ratio is
 reached gradually and ``finetune(gm, step)`` runs between steps (prune a little, recover, repeat).
+
+``reconstruct=true`` (needs ``calib_data``) repairs what a step removes before removing it: every linear or conv
+that reads a removed channel is refit by least squares on the calibration inputs the already-repaired layers before
+it produce, and the removed channels' mean contribution goes into its bias, or into the running mean of the
+BatchNorm right after it (graphopt/calibration/reconstruct.py); ``damp`` regularizes the solve towards the old
+weights. ``importance=activation`` weighs each weight column by its input's mean square on calibration data;
+``importance=taylor`` differentiates ``loss`` (``output-norm``, or ``cross-entropy``: next-token loss for a causal
+LM, the model's own decisions for a classifier) unless a ``loss_fn`` is given.
 """
 
 from __future__ import annotations
@@ -14,15 +22,19 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
+import numpy as np
 import torch
 import torch.fx as fx
 
 from graphopt.analysis.dependency import ChannelGroup, DependencyGraph
 from graphopt.analysis.dependency.apply import apply_channel_plan, keep_every_dim_nonempty
+from graphopt.calibration.input_energy import input_energy
+from graphopt.calibration.reconstruct import refit_before_removal, refit_targets
 from graphopt.errors import GraphoptWarning, PipelineError
-from graphopt.analysis.importance import CRITERIA, group_scores
+from graphopt.analysis.importance import CRITERIA, LOSSES, group_scores, named_loss
+from graphopt.graph.inputs import ExampleInputs, check_batches
 from graphopt.graph.nodes import resolve
-from graphopt.graph.layers import layers
+from graphopt.graph.layers import layers, shared_weights
 from graphopt.pipeline.pass_base import Context, Pass, PassResult
 from graphopt.graph.patterns import matches, matches_any, unmatched
 from graphopt.pipeline.registry import register_pass
@@ -50,6 +62,9 @@ class PruneChannels(Pass):
     seed: int = 0
     finetune: Callable | None = None  # finetune(gm, step) between steps
     loss_fn: Callable | None = None  # for importance='taylor': loss_fn(output, batch) -> scalar
+    loss: str = "output-norm"  # for importance='taylor' without loss_fn: output-norm | cross-entropy
+    reconstruct: bool = False  # refit the layers reading removed channels on calib_data (least squares + bias)
+    damp: float = 0.01  # reconstruct's damping: a share of the mean diagonal of each Gram matrix
     uniform: bool | None = None  # repeated layers keep equal widths under global ranking; None: on for HF models
 
     def __post_init__(self):
@@ -62,6 +77,12 @@ class PruneChannels(Pass):
         if self.attention not in ATTENTION:
             raise PipelineError(f"prune-channels: attention must be one of {', '.join(ATTENTION)}, "
                                 f"got '{self.attention}'")
+        if self.loss not in LOSSES:
+            raise PipelineError(f"prune-channels: unknown loss '{self.loss}'; choose one of {', '.join(LOSSES)}")
+        if self.loss != "output-norm" and self.loss_fn is not None:
+            raise PipelineError("prune-channels: give loss= (a named loss) or loss_fn= (your own), not both")
+        if self.damp < 0:
+            raise PipelineError(f"prune-channels: damp must be >= 0, got {self.damp}")
         if self.round_to < 1 or self.steps < 1 or not 0 < self.max_ratio_per_group < 1:
             raise PipelineError("prune-channels: round_to and steps must be >= 1, max_ratio_per_group in (0, 1)")
 
@@ -69,31 +90,51 @@ class PruneChannels(Pass):
         _check_patterns(gm, self.ignore + tuple(p for p, _ in self.ratios))
         weights = _layer_weights(gm)
         before = _shapes(gm, weights)
-        removed_total, pruned_groups = 0, 0
+        removed_total, pruned_groups, repairs, head_notes = 0, 0, {}, {}
+        batches = check_batches(ctx.calib_data, ctx.inputs, needed_by="prune-channels", why=" for reconstruct=true",
+                                pipeline="prune-channels:reconstruct=true") if self.reconstruct else None
         step_keep = (1 - self.ratio) ** (1 / self.steps)
         for step in range(self.steps):
             dep = ctx.analysis(DependencyGraph, gm) if step == 0 else DependencyGraph(gm, ctx)  # step 1+: pruned
             if step == 0:
                 _warn_unknown(dep)
-            plan = self.plan(gm, dep, ctx, 1 - step_keep)
+            plan = self.plan(gm, dep, ctx, 1 - step_keep, head_notes)
+            if batches is not None and plan:
+                targets, skipped = refit_targets(gm, _removed_inputs(gm, plan), shared_weights(gm))
+                repairs.update(skipped)
+                repairs.update(refit_before_removal(gm, batches, targets, damp=self.damp))
             removed_total += apply_channel_plan(gm, dep, plan)
             if step < self.steps - 1:  # the next step's analysis reads shapes: record the pruned ones
                 _record_shapes(gm, ctx)
             pruned_groups = max(pruned_groups, len(plan))
             if self.finetune is not None and step < self.steps - 1:
                 self.finetune(gm, step)
-        return PassResult(gm, modified=removed_total > 0, stats={
-            "groups_pruned": pruned_groups, "params_removed": removed_total, "steps": self.steps},
-            decisions=_shape_decisions(before, _shapes(gm, weights), self.ignore))
+        decisions = _shape_decisions(before, _shapes(gm, weights), self.ignore)
+        for layer_weight, note in repairs.items():
+            layer = next((n for n, t in weights.items() if t == layer_weight), layer_weight)
+            decisions[layer] = f"{decisions.get(layer, 'unchanged')}; {note}"
+        decisions.update({name: note for name, note in head_notes.items()})
+        stats = {"groups_pruned": pruned_groups, "params_removed": removed_total, "steps": self.steps}
+        if self.reconstruct:
+            stats["layers_refit"] = sum(1 for note in repairs.values() if note.startswith("refit"))
+        return PassResult(gm, modified=removed_total > 0, stats=stats, decisions=decisions)
 
-    def plan(self, gm: fx.GraphModule, dep: DependencyGraph, ctx: Context, ratio: float) -> dict:
-        """Which channels of which groups to remove at this ``ratio``."""
+    def plan(self, gm: fx.GraphModule, dep: DependencyGraph, ctx: Context, ratio: float,
+             notes: dict | None = None) -> dict:
+        """Which channels of which groups to remove at this ``ratio`` (``notes`` gets {attention layer: how its
+        factored heads were cut})."""
+        notes = {} if notes is None else notes
         groups = [g for g in dep.prunable_groups if self._eligible(g, dep)]
-        scores = group_scores(gm, groups, self.importance, seed=self.seed,
-                              batches=ctx.calib_data or [ctx.inputs.kwargs or ctx.inputs.args],
-                              loss_fn=self.loss_fn)
+        batches = ctx.calib_data or [ctx.inputs.kwargs or ctx.inputs.args]
+        energy = None
+        if self.importance == "activation":
+            energy = input_energy(gm, [ExampleInputs.of(b) for b in batches], _conv_and_linear_weights(gm))
+        scores = group_scores(gm, groups, self.importance, seed=self.seed, batches=batches,
+                              loss_fn=self.loss_fn or named_loss(self.loss), energy=energy)
         counts = self._global_counts(groups, scores, ratio) if self.global_ranking else \
             {g.index: self._count(g, self._ratio_of(g, ratio)) for g in groups}
+        if not self.global_ranking:
+            counts.update(self._factored_head_counts(groups, dep, ratio, notes))
         uniform = self.uniform if self.uniform is not None else bool(gm.meta.get("graphopt_hf_model"))
         if uniform and self.global_ranking:
             counts = self._uniform_counts(groups, counts)
@@ -105,6 +146,44 @@ class PruneChannels(Pass):
                 order = scores[g.index][candidates].argsort(stable=True)
                 plan[g] = candidates[order[:k]].tolist()
         return keep_every_dim_nonempty(dep, plan, scores, self.round_to)
+
+    def _factored_head_counts(self, groups: list[ChannelGroup], dep: DependencyGraph, ratio: float,
+                              notes: dict) -> dict[int, int]:
+        """Grouped-query attention has its query heads as a product of two groups: the key-value heads and the
+        repeats of each (their members are a subset of the key-value heads' rows). The ratio is the share of query
+        heads that go, once, not of both factors (which would remove 1 - (1 - r)^2 of them): the key-value heads
+        are cut first, so every kept key-value head keeps its queries; the repeats only where the key-value heads
+        cannot go (ignored, frozen) or the count needs them."""
+        heads = [g for g in groups if dep.group_kind(g) == "heads"]
+        slots = {g.index: {(m.param, m.dim) for m in g.members} for g in heads}
+        out = {}
+        for inner in heads:
+            outer = next((g for g in heads if g is not inner and slots[inner.index] < slots[g.index]), None)
+            if outer is None:  # not a repeat factor, or its key-value heads stay whole: its own count is right
+                continue
+            outer_size = outer.size
+            product = outer_size * inner.size
+            keep_goal = product - int(self._ratio_of(inner, ratio) * product)
+            best = None
+            outer_max = len(outer.prunable)
+            for keep_inner in range(inner.size - len(inner.prunable), inner.size + 1):
+                for keep_outer in range(outer_size - outer_max, outer_size + 1):
+                    kept = keep_outer * keep_inner
+                    if kept < max(keep_goal, 1) or keep_outer < 1 or keep_inner < 1:
+                        continue
+                    rank = (kept, -keep_inner)  # fewest heads kept at or above the goal; then cut key-value heads
+                    if best is None or rank < best[0]:
+                        best = (rank, keep_outer, keep_inner)
+            if best is None:
+                continue
+            _, keep_outer, keep_inner = best
+            out[inner.index], out[outer.index] = inner.size - keep_inner, outer_size - keep_outer
+            cut = [what for what, n, k in (("key-value heads", outer_size, keep_outer), ("repeats", inner.size, keep_inner))
+                   if k < n]
+            label = _attention_name(inner)
+            notes[label] = (f"query heads {product} -> {keep_outer * keep_inner} ({outer_size} key-value heads x "
+                            f"{inner.size} repeats -> {keep_outer} x {keep_inner}; cut: {', '.join(cut) or 'nothing'})")
+        return out
 
     def _eligible(self, group: ChannelGroup, dep: DependencyGraph) -> bool:
         if any(matches_any(p, self.ignore) for p in group.params()):
@@ -161,9 +240,37 @@ class PruneChannels(Pass):
         return out
 
 
+def _attention_name(group: ChannelGroup) -> str:
+    """The attention module of a heads group: the common prefix of its weights' module paths."""
+    paths = [p.rsplit(".", 2)[0] for p in group.params()]
+    common = paths[0]
+    for p in paths[1:]:
+        while not (p == common or p.startswith(common + ".")):
+            common = common.rsplit(".", 1)[0] if "." in common else ""
+    return common or group.params()[0]
+
+
 def _role(group: ChannelGroup) -> tuple[str, ...]:
     """A group's parameter names with layer indices wildcarded: ``model.layers.#.mlp.up_proj.weight``."""
     return tuple(sorted({re.sub(r"\.\d+\.", ".#.", p) for p in group.params()}))
+
+
+def _conv_and_linear_weights(gm: fx.GraphModule) -> set[str]:
+    return {layer.weight.target for layer in layers(gm) if layer.kind in ("linear", "conv") and layer.weight is not None}
+
+
+def _removed_inputs(gm: fx.GraphModule, plan: dict) -> dict[str, list[int]]:
+    """{weight of a linear/conv: its input channels (weight dim 1) the plan removes}."""
+    candidates = _conv_and_linear_weights(gm)
+    removed: dict[str, set[int]] = {}
+    for group, channels in plan.items():
+        going = np.asarray(channels, dtype=np.int64)
+        for m in group.members:
+            if m.dim == 1 and m.param in candidates:
+                rows = m.rows[np.isin(m.channel, going)]
+                if rows.size:
+                    removed.setdefault(m.param, set()).update(rows.tolist())
+    return {name: sorted(rows) for name, rows in removed.items()}
 
 
 def _record_shapes(gm: fx.GraphModule, ctx: Context) -> None:

@@ -143,7 +143,9 @@ def test_taylor_importance_uses_calibration_batches():
     ("prune-channels:ratio=1.0", "prune-channels: ratio must be in [0, 1), got 1.0"),
     ("prune-channels:ratio=-0.1", "prune-channels: ratio must be in [0, 1), got -0.1"),
     ("prune-channels:importance=magic", "prune-channels: unknown importance 'magic'; choose one of l1, l2, "
-                                        "bn-scale, taylor, random"),
+                                        "bn-scale, taylor, activation, random"),
+    ("prune-channels:loss=hinge", "prune-channels: unknown loss 'hinge'; choose one of output-norm, cross-entropy"),
+    ("prune-channels:damp=-1", "prune-channels: damp must be >= 0, got -1.0"),
     ("prune-channels:attention=tokens", "prune-channels: attention must be one of heads, head_dim, both, none, "
                                         "got 'tokens'"),
 ])

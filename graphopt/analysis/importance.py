@@ -2,7 +2,9 @@
 
 Criteria: ``l1``/``l2`` (weight magnitude), ``bn-scale`` (|gamma| of the group's BatchNorms, l1 where it has none),
 ``taylor`` (first-order |w * dL/dw| from calibration batches, with the output's squared norm as the loss when none
-is given) and ``random``. Only trainable parameters count: BatchNorm running statistics are not weights.
+is given), ``activation`` (for each layer that reads the channel, ||W[:, c]||² · E[x_c²] on calibration data: the
+output energy removing the channel costs, the structured form of Wanda's |W|·||x||; groups read by no linear or
+conv fall back to l2) and ``random``. Only trainable parameters count: BatchNorm running statistics are not weights.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from graphopt.analysis.dependency.analysis import ChannelGroup
 from graphopt.graph.nodes import is_op, resolve
 from graphopt.graph.inputs import ExampleInputs, flat_outputs
 
-CRITERIA = ("l1", "l2", "bn-scale", "taylor", "random")
+CRITERIA = ("l1", "l2", "bn-scale", "taylor", "activation", "random")
 
 
 def _row_scores(values: torch.Tensor, dim: int, power: int) -> torch.Tensor:
@@ -83,6 +85,36 @@ def bn_weights(gm: fx.GraphModule) -> set[str]:
             and isinstance(n.args[1], fx.Node) and n.args[1].op == "get_attr"}
 
 
+LOSSES = ("output-norm", "cross-entropy")
+
+
+def named_loss(name: str) -> Callable | None:
+    """The Taylor loss ``loss=`` names: ``output-norm`` (None: the outputs' mean square, the default) or
+    ``cross-entropy``: next-token cross-entropy for a causal LM (logits (B, T, V) against the batch's own
+    ``input_ids`` shifted by one, as Hugging Face computes it with ``labels=input_ids``), and for a classifier
+    (logits (B, C)) cross-entropy against the model's own predicted classes, since calibration batches carry no
+    labels (first order, this weighs channels by how much they move the decision)."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss '{name}'; choose one of {', '.join(LOSSES)}")
+    return None if name == "output-norm" else _cross_entropy
+
+
+def _cross_entropy(out, batch) -> torch.Tensor:
+    logits = out["logits"] if isinstance(out, dict) and "logits" in out else next(
+        o for o in flat_outputs(out) if o.is_floating_point())
+    if logits.dim() == 3:
+        inputs = ExampleInputs.of(batch)
+        ids = inputs.kwargs.get("input_ids")
+        if ids is None:
+            ids = next((a for a in inputs.args if isinstance(a, torch.Tensor) and not a.is_floating_point()), None)
+        if ids is None or tuple(ids.shape) != tuple(logits.shape[:2]):
+            raise ValueError("loss=cross-entropy on (batch, sequence, vocab) logits needs the batch's input_ids "
+                             f"(batch, sequence) to shift into labels; the batch has none matching {tuple(logits.shape[:2])}")
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    flat = logits.reshape(-1, logits.shape[-1]).float()
+    return torch.nn.functional.cross_entropy(flat, flat.detach().argmax(-1))
+
+
 def taylor_saliency(gm: fx.GraphModule, batches: Iterable, loss_fn: Callable | None) -> dict[str, torch.Tensor]:
     """Per-element |w * dL/dw| summed over batches (L: ``loss_fn(output, batch)``, or the output's mean square),
     and over the batches of every rank when torch.distributed is initialized."""
@@ -106,9 +138,25 @@ def taylor_saliency(gm: fx.GraphModule, batches: Iterable, loss_fn: Callable | N
     return dict(zip(names, distributed.sum_tensors([saliency[n] for n in names])))
 
 
+def activation_scores(gm: fx.GraphModule, group: ChannelGroup, energy: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Σ over the layers reading the group's channels of ||W[:, c]||² · E[x_c²] (``energy``: per weight, the mean
+    square of each input channel); None when no member is such an input."""
+    score, found = torch.zeros(group.size, dtype=torch.float64), False
+    for m in group.members:
+        if m.dim != 1 or m.param not in energy:
+            continue
+        weight = resolve(gm, m.param).detach()
+        columns = _row_scores(weight, 1, 2).double() * energy[m.param].to(torch.float64)
+        score.index_add_(0, torch.from_numpy(m.channel), columns[torch.from_numpy(m.rows)])
+        found = True
+    return score if found else None
+
+
 def group_scores(gm: fx.GraphModule, groups: list[ChannelGroup], criterion: str, *, seed: int = 0,
-                 batches: Iterable | None = None, loss_fn: Callable | None = None) -> dict[int, torch.Tensor]:
-    """Scores of every channel of every group, keyed by group index."""
+                 batches: Iterable | None = None, loss_fn: Callable | None = None,
+                 energy: dict[str, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+    """Scores of every channel of every group, keyed by group index (``energy``: the input mean squares the
+    ``activation`` criterion needs, graphopt.calibration.input_energy)."""
     if criterion not in CRITERIA:
         raise ValueError(f"unknown importance '{criterion}'; choose one of {', '.join(CRITERIA)}")
     trainable = {name for name, p in gm.named_parameters()}
@@ -119,9 +167,14 @@ def group_scores(gm: fx.GraphModule, groups: list[ChannelGroup], criterion: str,
     if criterion == "taylor":
         saliency = RowScores(taylor_saliency(gm, batches, loss_fn).get, 1)
         return {g.index: aggregate(gm, g, saliency, 1) for g in groups}
-    power = 2 if criterion == "l2" else 1
+    power = 2 if criterion in ("l2", "activation") else 1
     rows = RowScores(weights, power)
     scores = {g.index: aggregate(gm, g, rows, power) for g in groups}
+    if criterion == "activation":
+        for g in groups:
+            weighted = activation_scores(gm, g, energy or {})
+            if weighted is not None:
+                scores[g.index] = weighted
     if criterion == "bn-scale":
         gammas = bn_weights(gm)
         for g in groups:

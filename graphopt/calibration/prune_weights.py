@@ -15,20 +15,19 @@ from typing import Sequence
 
 import torch
 import torch.fx as fx
-import torch.nn.utils.parametrize as parametrize
 
 from graphopt.analysis.sparsity import Pattern, magnitude_mask, register_mask
 from graphopt.calibration.engine import NodeInputs, run_sequentially
+from graphopt.calibration.layer_io import input_rows, write_dense_weight
 from graphopt.calibration.sparsegpt import sparsegpt
-from graphopt.calibration.statistics import InputStatistics, conv_input_rows
+from graphopt.calibration.statistics import InputStatistics
 from graphopt.calibration.wanda import wanda_mask
 from graphopt.graph.inputs import ExampleInputs
-from graphopt.graph.nodes import arg, is_op, owner_and_leaf, resolve
+from graphopt.graph.nodes import resolve
 from graphopt.util import distributed
 
 __all__ = ["METHODS", "WeightTarget", "prune_with_data"]
 
-aten = torch.ops.aten
 METHODS = ("wanda", "sparsegpt")
 
 
@@ -50,7 +49,7 @@ def prune_with_data(gm: fx.GraphModule, batches: Sequence[ExampleInputs], target
     def visit(inputs: NodeInputs) -> None:
         target = targets[inputs.node]
         stored = resolve(gm, target.name).detach()
-        parts = _input_rows(inputs, stored.shape)
+        parts = input_rows(inputs, stored.shape)
         if parts is None:
             register_mask(gm, target.name, magnitude_mask(stored, target.sparsity, target.pattern), str(target.pattern))
             notes[target.name] = "magnitude: its inputs are not unfolded into rows here (3-D conv)"
@@ -60,7 +59,7 @@ def prune_with_data(gm: fx.GraphModule, batches: Sequence[ExampleInputs], target
         for rows_slice, rows in parts:  # one part per conv group (a single part for every other layer)
             new[rows_slice], keep[rows_slice] = _solve(matrix[rows_slice], rows, target, method, damp, block_size)
         as_stored = (lambda t: t.t()) if target.transposed else (lambda t: t.reshape(stored.shape))
-        _write_original(gm, target.name, as_stored(new))
+        write_dense_weight(gm, target.name, as_stored(new))
         register_mask(gm, target.name, as_stored(keep).contiguous(), str(target.pattern))
         count = sum(r.shape[0] for r in parts[0][1])
         notes[target.name] = f"{method} on {count} input rows" + (f" per group, {len(parts)} groups"
@@ -82,33 +81,3 @@ def _solve(matrix: torch.Tensor, rows: list[torch.Tensor], target: WeightTarget,
     if method == "wanda":
         return matrix, wanda_mask(matrix, stats.column_norms, sparsity, n=n, m=m, layer=target.name)
     return sparsegpt(matrix, stats.hessian, sparsity, n=n, m=m, block_size=block_size, damp=damp, layer=target.name)
-
-
-def _input_rows(inputs: NodeInputs, weight_shape: torch.Size) -> list[tuple[slice, list[torch.Tensor]]] | None:
-    """Per part of the weight matrix (its rows), the input rows of every batch it multiplies; None for layers whose
-    inputs are not unfolded here."""
-    node, everything = inputs.node, slice(None)
-    if is_op(node, aten.linear):
-        return [(everything, [x.reshape(-1, x.shape[-1]) for x in inputs.arg(0)])]
-    if is_op(node, aten.addmm):
-        return [(everything, inputs.arg(1))]
-    if is_op(node, aten.mm):
-        return [(everything, inputs.arg(0))]
-    if not is_op(node, aten.conv1d, aten.conv2d):
-        return None
-    groups = int(arg(node, "groups", 1))
-    options = dict(stride=arg(node, "stride", 1), padding=arg(node, "padding", 0), dilation=arg(node, "dilation", 1))
-    rows = [conv_input_rows(x, weight_shape, groups=groups, **options) for x in inputs.arg(0)]
-    if groups == 1:
-        return [(everything, rows)]
-    per = weight_shape[0] // groups
-    return [(slice(g * per, (g + 1) * per), [r[g] for r in rows]) for g in range(groups)]
-
-
-def _write_original(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
-    """Store ``value`` as the dense weight (under its mask, when it has one)."""
-    owner, leaf = owner_and_leaf(gm, name)
-    if parametrize.is_parametrized(owner, leaf):
-        owner.parametrizations[leaf].original.copy_(value)
-    else:
-        getattr(owner, leaf).copy_(value)

@@ -122,3 +122,17 @@ def _fold(gm: fx.GraphModule, layer: fx.Node, bn: _BatchNorm) -> None:
             bias_node = gm.graph.get_attr(bias_name)
         layer.args = (*layer.args[:2], bias_node, *layer.args[3:])
     bn.node.replace_all_uses_with(layer)
+
+
+def running_mean_after(layer: fx.Node) -> str | None:
+    """The running-mean buffer of the eval-mode BatchNorm that is the only reader of ``layer``'s output, if any:
+    where a constant added to the layer's output can be folded (subtracted from the running mean)."""
+    users = list(layer.users)
+    if len(users) != 1:
+        return None
+    user = users[0]
+    bn = _as_batch_norm(next(iter(user.users))) if is_op(user, aten._native_batch_norm_legit_no_training) \
+        and len(user.users) == 1 else _as_batch_norm(user)
+    if bn is None or bn.training or bn.source is not layer or not (isinstance(bn.mean, fx.Node) and bn.mean.op == "get_attr"):
+        return None
+    return bn.mean.target

@@ -185,3 +185,28 @@ def _in(layer: nn.Module, path: str) -> int:
 def _set(config, field: str, value) -> None:
     if field and (hasattr(config, field) or field in getattr(config, "attribute_map", {})):
         setattr(config, field, value)
+
+
+def sync_sizes_with_config(model: nn.Module) -> None:
+    """Set the size attributes of ``model``'s modules (``num_key_value_groups``, ``head_dim``, ...) to what a model
+    built from its updated config has: the config is what ``from_pretrained`` rebuilds from, so it decides. The
+    reference is built on the meta device (no memory, no initialization); a config the class cannot build from
+    leaves the attributes as the write-back set them (its check then names any that disagree)."""
+    import torch
+
+    from graphopt.result.writeback_sizes import plain_size_attributes
+
+    try:
+        with torch.device("meta"):
+            reference = type(model)(model.config)
+    except Exception:  # noqa: BLE001 - the config's own problem is reported by the write-back check
+        return
+    fresh = dict(reference.named_modules())
+    for path, module in model.named_modules():
+        twin = fresh.get(path)
+        if twin is None or type(twin) is not type(module):
+            continue
+        wanted = dict(plain_size_attributes(twin))
+        for attr, value in plain_size_attributes(module):
+            if attr in wanted and wanted[attr] != value and type(wanted[attr]) is type(value):
+                setattr(module, attr, wanted[attr])

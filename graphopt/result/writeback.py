@@ -141,11 +141,14 @@ def _has(model: nn.Module, name: str) -> bool:
 
 
 def _update_config(model: nn.Module, deleted: list[tuple[str, int]]) -> None:
-    from graphopt.result.hf_config import is_hf_model, update_config
+    from graphopt.result.hf_config import is_hf_model, sync_sizes_with_config, update_config
 
     if is_hf_model(model):
-        for message in update_config(model, deleted):
+        messages = update_config(model, deleted)
+        for message in messages:
             warnings.warn(f"to_model: {message}", GraphoptWarning, stacklevel=4)
+        if not messages:  # a config that describes the model also says what its attention's sizes are
+            sync_sizes_with_config(model)
 
 
 def check_against_graph(model: nn.Module, gm: fx.GraphModule, inputs: ExampleInputs,

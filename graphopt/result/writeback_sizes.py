@@ -98,6 +98,12 @@ def _plain_attributes(module: nn.Module):
             yield attr, value
 
 
+def plain_size_attributes(module: nn.Module):
+    """(name, value) of a module's int/float attributes named like sizes (``num_heads``, ``head_dim``)."""
+    return [(attr, value) for attr, value in _plain_attributes(module)
+            if isinstance(value, (int, float)) and _is_size_name(attr)]
+
+
 def _is_size_name(attr: str) -> bool:
     low = attr.lower()
     return any(w in low for w in _SIZE_WORDS) and not any(w in low for w in _NOT_SIZES) or low in ("c", "d", "h")
