@@ -13,6 +13,12 @@ batches (``calib_data`` of ``graphopt.optimize``) by one criterion:
 - ``output-error``: the relative squared error of the model's outputs with only that block dropped, measured
   directly; the blocks whose removal hurts least go.
 
+With ``greedy=True`` (the default; block-influence and output-error) blocks are chosen one at a time, the rest scored
+again with the ones already chosen dropped, so the blocks that go are judged together: removals interact. On a
+trained 4-layer byte-level Llama the two layers each cheapest to drop alone (1 and 2) were, together, the worst pair
+without layer 0 (3.40 bits per byte; dense 1.89); greedy chose layers 1 and 3, the best pair (2.89), with either
+criterion (bench/results/oneshot_lm.md). ``greedy=False`` takes the ``n`` best-scored alone.
+
 or by an explicit list of names (``blocks=("layers.2", "model.layers.7.mlp")``; protection does not apply).
 With ``plain=True``, shape-preserving modules without a skip (a conv-BN-ReLU 32->32 in a VGG stack) are candidates
 too: removing one replaces its output by its input.
@@ -57,11 +63,15 @@ class RemoveLayers(Pass):
     criterion: str = "block-influence"
     blocks: tuple = ()  # explicit module names to remove (layers or branches); overrides n/fraction/criterion
     unit: str = "layer"  # "layer": whole transformer layers / ResNet blocks; "branch": attention or MLP alone
-    protect: tuple = ("first", "last")  # "first", "last" and name patterns (graphopt/graph/patterns.py) of blocks that stay
+    # "first", "last" and name patterns (graphopt/graph/patterns.py) of blocks that stay. The first only, measured: on
+    # a trained 4-layer byte-level Llama (bench/results/oneshot_lm.md) no criterion ever picked layer 0 (its scores
+    # are 5x the others'), while protecting the last layer kept out the best pair to drop (2.89 vs 3.40 bits/byte)
+    protect: tuple = ("first",)
     allow_projection: bool = False  # also remove blocks with a projection shortcut, keeping the projection
     plain: bool = False  # also shape-preserving modules without a skip (conv-BN-ReLU 32->32): replaced by x
     use_example_inputs: bool = False  # score on the example inputs when no calib_data was given
     max_batches: int = 0  # 0: every calibration batch
+    greedy: bool = True  # choose one block at a time, scoring the rest with the chosen ones already dropped
 
     def __post_init__(self):
         given = (("n", self.n is not None), ("fraction", bool(self.fraction)), ("blocks", bool(self.blocks)))
@@ -130,6 +140,15 @@ class RemoveLayers(Pass):
         if self.criterion == "angular":
             return _best_window(gm, batches, candidates, eligible, count)
         score_fn = block_influence if self.criterion == "block-influence" else output_error
+        if self.greedy:
+            ranked, scores = [], {}
+            for _ in range(count):
+                rest = [b for b in eligible if b not in ranked]
+                step = score_fn(gm, batches, rest, dropped=tuple(ranked))
+                best = min(rest, key=lambda b: step[b.name])
+                ranked.append(best)
+                scores.update({name: score for name, score in step.items() if name not in scores or name == best.name})
+            return [b for b in eligible if b in ranked], scores  # graph order
         scores = score_fn(gm, batches, eligible)
         ranked = sorted(eligible, key=lambda b: scores[b.name])[:count]
         return [b for b in eligible if b in ranked], scores  # graph order
@@ -206,13 +225,15 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(a.double(), b.double(), dim=dim, eps=1e-12)
 
 
-def block_influence(gm: fx.GraphModule, batches: list[ExampleInputs], blocks: list[Block]) -> dict[str, float]:
-    """ShortGPT's block influence per block: 1 - mean cosine(input, output) over all positions and batches."""
+def block_influence(gm: fx.GraphModule, batches: list[ExampleInputs], blocks: list[Block],
+                    dropped: tuple[Block, ...] = ()) -> dict[str, float]:
+    """ShortGPT's block influence per block: 1 - mean cosine(input, output) over all positions and batches, with
+    the ``dropped`` blocks already removed."""
     sums = {b.name: 0.0 for b in blocks}
     counts = {b.name: 0 for b in blocks}
     watch = [n for b in blocks for n in (b.input, b.output)]
     for batch in progress(batches, "remove-layers: block influence"):
-        _, seen = _run(gm, batch, watch)
+        _, seen = _run(gm, batch, watch, drop=dropped)
         for b in blocks:
             cos = _cosine(seen[b.input], seen[b.output])
             sums[b.name] += float(cos.sum())
@@ -229,14 +250,16 @@ def _relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> tuple[
     return num, den
 
 
-def output_error(gm: fx.GraphModule, batches: list[ExampleInputs], blocks: list[Block]) -> dict[str, float]:
-    """Per block: ||out_without_block - out||^2 / ||out||^2 over the model's float outputs, summed over batches."""
+def output_error(gm: fx.GraphModule, batches: list[ExampleInputs], blocks: list[Block],
+                 dropped: tuple[Block, ...] = ()) -> dict[str, float]:
+    """Per block: ||out_without_block - out||^2 / ||out||^2 over the model's float outputs, summed over batches
+    (``out``: the whole model's; the ``dropped`` blocks are dropped too in the runs without the block)."""
     reference = [_run(gm, batch)[0] for batch in batches]
     nums, dens = [], []
     for block in progress(blocks, "remove-layers: output error"):
         num = den = 0.0
         for batch, want in zip(batches, reference):
-            n, d = _relative_error(_run(gm, batch, drop=(block,))[0], want)
+            n, d = _relative_error(_run(gm, batch, drop=(*dropped, block))[0], want)
             num, den = num + n, den + d
         nums.append(num)
         dens.append(den)

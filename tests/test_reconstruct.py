@@ -216,3 +216,36 @@ def test_reconstruct_on_a_decoder_lowers_the_error_and_gives_back_a_model_that_g
     assert errors["true"] < errors["false"]
     out = pruned.generate(input_ids=ids[:, :4], max_new_tokens=3, do_sample=False)
     assert out.shape == (2, 7)
+
+
+def test_bad_calibration_input_gets_its_documented_error():
+    from graphopt.errors import InputError
+
+    model = MLP().eval()
+    x = _correlated()
+    with pytest.raises(InputError, match=r"calibration batch 1: input .* is \(4, 9\) float32, but the model was "
+                                         r"traced with \(4, 8\) float32; only the batch dimension may differ"):
+        graphopt.optimize(model, ["prune-channels:reconstruct=true"], (x[:4],), calib_data=[(x[:4],), (torch.randn(4, 9),)])
+    with pytest.raises(InputError, match=r"calibration batch 0"):
+        graphopt.optimize(model, ["sparsify:method=sparsegpt"], (x[:4],), calib_data=[(torch.randn(4, 9),)])
+    nan = x.clone()
+    nan[0, 0] = float("nan")
+    with pytest.raises(InputError, match=r"layers\.0\.weight"):
+        graphopt.optimize(model, ["sparsify:method=sparsegpt"], (x[:4],), calib_data=[(nan,)])
+
+
+def test_a_singular_gram_matrix_is_damped_and_without_damping_named_with_a_remedy():
+    from graphopt.errors import InputError
+
+    torch.manual_seed(0)
+    model = MLP().eval()
+    with torch.no_grad():  # hidden channels 0..7 are copies of 8..15: the kept inputs are linearly dependent
+        model.layers[0].weight[:8] = model.layers[0].weight[8:]
+        model.layers[0].bias[:8] = model.layers[0].bias[8:]
+    x = _correlated()
+    calib = [(x,)]
+    res = graphopt.optimize(model, ["prune-channels:ratio=0.25,reconstruct=true"], (x[:4],), calib_data=calib)
+    assert torch.isfinite(res.module(x)).all()
+    with pytest.raises(InputError, match=r"layer 'layers\.1\.weight': the kept inputs' Gram matrix is singular even "
+                                         r"with damping 0 \(damp=0.0\).*use damp > 0"):
+        graphopt.optimize(model, ["prune-channels:ratio=0.25,reconstruct=true,damp=0"], (x[:4],), calib_data=calib)

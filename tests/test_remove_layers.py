@@ -118,7 +118,7 @@ def _removed(stats) -> list[str]:
 @pytest.mark.parametrize("criterion", ["block-influence", "output-error"])
 def test_criteria_pick_the_near_identity_blocks(criterion):
     model = ResidualStack(quiet=(2, 4))
-    result = graphopt.optimize(model, [RemoveLayers(n=2, criterion=criterion)], STACK_INPUTS, calib_data=STACK_CALIB)
+    result = graphopt.optimize(model, [RemoveLayers(n=2, criterion=criterion, protect=("first", "last"))], STACK_INPUTS, calib_data=STACK_CALIB)
     stats = result.report.records[0].stats
     assert _removed(stats) == ["blocks.2", "blocks.4"]
     assert set(stats["scores"]) == {f"blocks.{i}" for i in range(1, 5)}  # first and last are protected
@@ -129,7 +129,7 @@ def test_criteria_pick_the_near_identity_blocks(criterion):
 
 def test_angular_removes_the_quietest_contiguous_window():
     model = ResidualStack(quiet=(3, 4))
-    result = graphopt.optimize(model, [RemoveLayers(n=2, criterion="angular")], STACK_INPUTS, calib_data=STACK_CALIB)
+    result = graphopt.optimize(model, [RemoveLayers(n=2, criterion="angular", protect=("first", "last"))], STACK_INPUTS, calib_data=STACK_CALIB)
     stats = result.report.records[0].stats
     assert _removed(stats) == ["blocks.3", "blocks.4"]
     assert set(stats["windows"]) == {"blocks.1..blocks.2", "blocks.2..blocks.3", "blocks.3..blocks.4"}
@@ -147,7 +147,7 @@ def test_block_influence_on_a_decoder_picks_the_silenced_mlp():
 
 def test_fraction_and_protection():
     model = ResidualStack(quiet=(0, 5))  # the quiet ones are first and last: protected by default
-    result = graphopt.optimize(model, [RemoveLayers(fraction=0.5)], STACK_INPUTS, calib_data=STACK_CALIB)
+    result = graphopt.optimize(model, [RemoveLayers(fraction=0.5, protect=("first", "last"))], STACK_INPUTS, calib_data=STACK_CALIB)
     stats = result.report.records[0].stats
     assert len(stats["removed_blocks"]) == 3 and not {"blocks.0", "blocks.5"} & set(_removed(stats))
     unprotected = graphopt.optimize(model, [RemoveLayers(n=2, protect=())], STACK_INPUTS, calib_data=STACK_CALIB)
@@ -162,7 +162,7 @@ def test_nothing_to_remove_is_a_no_op():
 def test_bad_input_errors():
     model = ResidualStack(depth=3)
     with pytest.raises(PassError) as e:
-        graphopt.optimize(model, [RemoveLayers(n=2)], STACK_INPUTS, calib_data=STACK_CALIB)
+        graphopt.optimize(model, [RemoveLayers(n=2, protect=("first", "last"))], STACK_INPUTS, calib_data=STACK_CALIB)
     assert str(e.value) == (
         "remove-layers: asked to remove 2 blocks but the model has 3 removable blocks (blocks.0, blocks.1, "
         "blocks.2) and 1 of them are unprotected (protect=['first', 'last']); lower n or fraction, or narrow protect")
@@ -223,7 +223,7 @@ def test_depth_pruning_then_finetune_keeps_digits_accuracy():
         acc_full = accuracy(model, x_test, y_test)
         assert acc_full >= 0.93, f"ResidualDigitsCNN reached only {acc_full:.4f}"
         calib = [(x_train[i:i + 64],) for i in range(0, 256, 64)]
-        result = graphopt.optimize(model, [RemoveLayers(n=1)], (x_train[:2],), calib_data=calib)
+        result = graphopt.optimize(model, [RemoveLayers(n=1, protect=("first", "last"))], (x_train[:2],), calib_data=calib)
         record = result.report.records[0]
         assert _removed(record.stats) == ["blocks.1"]  # the only unprotected one of blocks.0-2
         assert record.params_after < 0.8 * record.params_before
@@ -268,3 +268,39 @@ def test_plain_shape_preserving_layers_on_request():
     assert _removed(record.stats) == ["features.4"]  # the only unprotected one
     assert record.params_before - record.params_after == 32 * 32 * 9 + 2 * 32  # conv, BN scale and shift
     assert outputs(result.module, rebatch(case.example_inputs, 3))[0].shape == (3, 10)
+
+
+class _Stack(nn.Module):
+    """Residual linear blocks y = x + x W_i with chosen W_i."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(16, 16, bias=False) for _ in weights)
+        with torch.no_grad():
+            for block, w in zip(self.blocks, weights):
+                block.weight.copy_(w)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+def test_blocks_are_chosen_together_by_default_one_at_a_time():
+    criterion = "output-error"  # block influence is local: a block's own cosine barely moves when another goes
+    g = torch.Generator().manual_seed(0)
+    same = 0.02 * torch.randn(16, 16, generator=g)
+    other = torch.zeros(16, 16)
+    other[torch.arange(16), torch.arange(16).roll(1)] = 0.1  # a little bigger alone, unrelated to `same`
+    big = 0.5 * torch.randn(16, 16, generator=g)
+    # blocks 1 and 2 are each the cheapest to drop, but they push the same way: dropping both costs 4x one
+    model = _Stack([big, same, same, other, big]).eval()
+    calib = [(torch.randn(64, 16, generator=g),) for _ in range(2)]
+    chosen = {}
+    for greedy in (False, True):
+        res = graphopt.optimize(model, [RemoveLayers(n=2, criterion=criterion, greedy=greedy)], calib[0],
+                                calib_data=calib)
+        chosen[greedy] = [b["block"] for b in res.report.records[0].stats["removed_blocks"]]
+    assert chosen[False] == ["blocks.1", "blocks.2"]
+    assert sorted(chosen[True]) in (["blocks.1", "blocks.3"], ["blocks.2", "blocks.3"])
+    assert RemoveLayers().greedy and RemoveLayers().protect == ("first",)
