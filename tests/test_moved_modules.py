@@ -10,6 +10,9 @@ import pytest
 import torch
 
 import graphopt
+import graphopt.analysis.sparsity
+import graphopt.graph.module
+import graphopt.graph.pickling  # named below as attributes: import them, whatever other tests imported first
 from graphopt._moved import MOVED
 from graphopt.examples.models import example_model
 
