@@ -113,7 +113,7 @@ class PruneChannels(Pass):
         for layer_weight, note in repairs.items():
             layer = next((n for n, t in weights.items() if t == layer_weight), layer_weight)
             decisions[layer] = f"{decisions.get(layer, 'unchanged')}; {note}"
-        decisions.update({name: note for name, note in head_notes.items()})
+        decisions.update(head_notes)
         stats = {"groups_pruned": pruned_groups, "params_removed": removed_total, "steps": self.steps}
         if self.reconstruct:
             stats["layers_refit"] = sum(1 for note in repairs.values() if note.startswith("refit"))
