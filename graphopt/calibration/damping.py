@@ -40,7 +40,7 @@ def damped_cholesky_inverse(h: torch.Tensor, percdamp: float = 0.01, *, layer: s
         raise InputError(f"layer {layer!r}: the Hessian must be a square matrix, got {got}")
     if not percdamp >= 0:
         raise InputError(f"layer {layer!r}: damp must be >= 0, got {percdamp!r}")
-    if not torch.isfinite(h).all():
+    if not torch.isfinite(h.sum(dtype=torch.float64)):  # a NaN/inf anywhere reaches the sum; no (in, in) bool copy
         raise InputError(f"layer {layer!r}: the calibration Hessian contains NaN or inf: the layer's inputs "
                          "overflowed or were NaN on the calibration data; check the model on that data "
                          "(fp16 overflow?) or gather the statistics in float32")
@@ -74,4 +74,4 @@ def _inverse_upper(h: torch.Tensor, damping: float) -> torch.Tensor | None:
     if info.item() != 0:
         return None
     upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-    return upper if info.item() == 0 and torch.isfinite(upper).all() else None
+    return upper if info.item() == 0 and torch.isfinite(upper.sum()) else None

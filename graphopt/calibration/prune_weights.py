@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 
 from graphopt.analysis.sparsity import Pattern, magnitude_mask, register_mask
+from graphopt.calibration.damping import CholeskyInverse, damped_cholesky_inverse
 from graphopt.calibration.engine import NodeInputs, run_sequentially
 from graphopt.calibration.layer_io import input_rows, write_dense_weight
 from graphopt.calibration.sparsegpt import sparsegpt
@@ -45,6 +46,7 @@ def prune_with_data(gm: fx.GraphModule, batches: Sequence[ExampleInputs], target
                     method: str, *, damp: float = 0.01, block_size: int = 128) -> dict[str, str]:
     """Prune every target layer of ``gm`` in place with ``method``; returns ``{weight name: how it was pruned}``."""
     notes: dict[str, str] = {}
+    factors = _LastFactor(damp)
 
     def visit(inputs: NodeInputs) -> None:
         target = targets[inputs.node]
@@ -57,7 +59,7 @@ def prune_with_data(gm: fx.GraphModule, batches: Sequence[ExampleInputs], target
         matrix = stored.t() if target.transposed else stored.reshape(stored.shape[0], -1)
         new, keep = matrix.clone(), torch.ones_like(matrix, dtype=torch.bool)
         for rows_slice, rows in parts:  # one part per conv group (a single part for every other layer)
-            new[rows_slice], keep[rows_slice] = _solve(matrix[rows_slice], rows, target, method, damp, block_size)
+            new[rows_slice], keep[rows_slice] = _solve(matrix[rows_slice], rows, target, method, factors, block_size)
         as_stored = (lambda t: t.t()) if target.transposed else (lambda t: t.reshape(stored.shape))
         write_dense_weight(gm, target.name, as_stored(new))
         register_mask(gm, target.name, as_stored(keep).contiguous(), str(target.pattern))
@@ -69,8 +71,8 @@ def prune_with_data(gm: fx.GraphModule, batches: Sequence[ExampleInputs], target
     return notes
 
 
-def _solve(matrix: torch.Tensor, rows: list[torch.Tensor], target: WeightTarget, method: str, damp: float,
-           block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _solve(matrix: torch.Tensor, rows: list[torch.Tensor], target: WeightTarget, method: str,
+           factors: _LastFactor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(new weight, keep mask) of one (out, in) matrix from the rows it saw, statistics summed over all ranks."""
     stats = InputStatistics(matrix.shape[1], gram=method == "sparsegpt", layer=target.name)
     for r in rows:
@@ -80,4 +82,21 @@ def _solve(matrix: torch.Tensor, rows: list[torch.Tensor], target: WeightTarget,
     sparsity = 1 - n / m if m else target.sparsity
     if method == "wanda":
         return matrix, wanda_mask(matrix, stats.column_norms, sparsity, n=n, m=m, layer=target.name)
-    return sparsegpt(matrix, stats.hessian, sparsity, n=n, m=m, block_size=block_size, damp=damp, layer=target.name)
+    hessian = stats.hessian
+    return sparsegpt(matrix, hessian, sparsity, n=n, m=m, block_size=block_size, damp=factors.damp,
+                     layer=target.name, factor=factors.of(hessian, target.name))
+
+
+class _LastFactor:
+    """The damped inverse-Hessian factor of the last Hessian seen, reused while the next one is equal: layers
+    that read one input (q/k/v, gate/up) come one after another in graph order, and the O(in^3) factorization
+    was 40% of SparseGPT's time on a Llama. Equality is checked on the values, never assumed from the node."""
+
+    def __init__(self, damp: float):
+        self.damp, self._hessian, self._factor = damp, None, None
+
+    def of(self, hessian: torch.Tensor, layer: str) -> CholeskyInverse:
+        """The factor of ``hessian``: the cached one when the values are equal, else a new one."""
+        if self._hessian is None or self._hessian.shape != hessian.shape or not torch.equal(self._hessian, hessian):
+            self._hessian, self._factor = hessian, damped_cholesky_inverse(hessian, self.damp, layer=layer)
+        return self._factor

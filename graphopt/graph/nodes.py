@@ -121,3 +121,31 @@ def arg(node: fx.Node, name: str, default: Any = None) -> Any:
             return node.kwargs[name]
         return a.default_value if a.has_default_value() else default
     return default
+
+
+def sink_get_attrs(graph: fx.Graph) -> None:
+    """Move every ``get_attr`` node to just before its first user (``hoist_get_attrs`` undoes it).
+
+    torch.export puts all of them at the top, and the generated code keeps a value alive from its node to its
+    last use: for a parametrized weight (a mask, a fake-quant), whose read computes a new tensor, that held a
+    materialized copy of every such weight for the whole forward (+1x the model at the peak). Next to its user,
+    each lives only as long as the op that reads it."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in [n for n in graph.nodes if n.op == "get_attr" and n.users]:
+        first = min(node.users, key=order.__getitem__)
+        if node.next is not first:
+            first.prepend(node)
+
+
+def hoist_get_attrs(graph: fx.Graph) -> bool:
+    """Move every ``get_attr`` node, in order, to the top of the graph: the canonical form passes are written
+    against (a pass may insert a new reader of a weight anywhere, even before the weight's first reader).
+    Returns whether any node moved."""
+    nodes = list(graph.nodes)
+    attrs = [n for n in nodes if n.op == "get_attr"]
+    if nodes[:len(attrs)] == attrs:
+        return False
+    anchor = next(n for n in nodes if n.op != "get_attr")
+    for node in attrs:
+        anchor.prepend(node)
+    return True

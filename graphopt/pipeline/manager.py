@@ -21,6 +21,7 @@ from graphopt.pipeline.pass_base import Context, Pass, PassResult, running_pass
 from graphopt.pipeline.registry import resolve_pass
 from graphopt.pipeline.report import PassRecord, Report
 from graphopt.graph.shapes import GraphRunError, is_fake, propagate
+from graphopt.graph.nodes import hoist_get_attrs, sink_get_attrs
 
 __all__ = ["Context", "Pass", "PassManager", "PassResult", "check_order"]
 
@@ -57,6 +58,7 @@ class PassManager:
         return any(type(i).run_after is not Instrument.run_after for i in self.instruments)
 
     def _run_one(self, p: Pass, gm: fx.GraphModule, ctx: Context, before: GraphRun | None):
+        was_sunk = hoist_get_attrs(gm.graph)  # passes see every weight read at the top; see sink_get_attrs
         for kind in p.requires:  # provided before the pass (and before its clock starts)
             ctx.analysis(kind, gm)
         for inst in self.instruments:
@@ -78,6 +80,8 @@ class PassManager:
             result.gm.graph.lint()
         except Exception as e:
             raise VerifyError(f"pass '{p.name}' left an invalid graph: {e}") from e
+        if result.modified or was_sunk:  # a pass that changed nothing leaves the graph as it found it
+            sink_get_attrs(result.gm.graph)
         result.gm.recompile()
         modes = {i.run_after(p, result) for i in self.instruments} - {None}
         after = self._graph_run(result.gm, ctx, p.name, "real" if "real" in modes else "fake") if modes else None
