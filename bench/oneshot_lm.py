@@ -71,6 +71,21 @@ def rows(layers: int) -> list[tuple[str, str, str, bool]]:
     last = ",".join(f"model.layers.{i}" for i in (layers - 2, layers - 1))
     out += [("remove 2", "drop the last 2 (remove-layers blocks=)", f"remove-layers:blocks=[{last}]", True),
             ("remove 2", "drop the last 2 (by hand, no graphopt)", "by-hand", False)]
+    return out + repair_rows(last)
+
+
+def repair_rows(last: str) -> list[tuple[str, str, str, bool]]:
+    """Repair after removal and data-aware low rank: each next to the same compression without it."""
+    out = []
+    for label, spec in (("layers greedy, first protected", "remove-layers:n=2,protect=[first]"),
+                        ("layers scored once, first+last protected",
+                         "remove-layers:n=2,greedy=false,protect=[first,last]"),
+                        ("drop the last 2", f"remove-layers:blocks=[{last}]")):
+        out += [("repair", f"{label}{' + repair' if rep else ''}", spec + (",repair=true" if rep else ""), False)
+                for rep in (False, True)]
+    for ratio in ("0.375", "0.25"):
+        out += [("low-rank", f"low-rank {ratio}{' whitened' if w else ''}",
+                 f"low-rank:rank_ratio={ratio}" + (",whiten=true" if w else ""), False) for w in (False, True)]
     return out
 
 
@@ -250,6 +265,12 @@ def summary(results: list, dense: float) -> list[str]:
           ok=lambda m, s: s < m)
     check("reconstruction lowers channel pruning's bpb (l2, l2 + reconstruct)", "channels l2",
           "channels l2 + reconstruct", ok=lambda a, b: b < a)
+    for label in ("layers greedy, first protected", "layers scored once, first+last protected", "drop the last 2"):
+        check(f"repair lowers remove-layers' bpb, {label} (without, with)", label, f"{label} + repair",
+              ok=lambda a, b: b < a)
+    for ratio in ("0.375", "0.25"):
+        check(f"whitening lowers low-rank's bpb at rank ratio {ratio} (plain, whitened)", f"low-rank {ratio}",
+              f"low-rank {ratio} whitened", ok=lambda a, b: b < a)
     return out
 
 
@@ -279,7 +300,7 @@ def plot(results: list, dense: float, out: Path) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, ~30 s of training, a few rows")
-    parser.add_argument("--rows", default="", help="comma-separated substrings of method names or pass strings")
+    parser.add_argument("--rows", default="", help="comma-separated substrings of row groups, method names or pass strings")
     parser.add_argument("--retrain", action="store_true")
     parser.add_argument("--out", default=None,
                         help="default bench/results/oneshot_lm.md (--quick: bench/cache/oneshot_lm_quick.md)")
@@ -301,7 +322,7 @@ def main(argv=None) -> None:
     capture_s = time.perf_counter() - start
     wanted = [w for w in args.rows.split(",") if w]
     chosen = [r for r in rows(model.config.num_hidden_layers) if (r[3] or not args.quick)
-              and (not wanted or r[0] == "dense" or any(w in r[1] or w in r[2] for w in wanted))]
+              and (not wanted or r[0] == "dense" or any(w in r[0] or w in r[1] or w in r[2] for w in wanted))]
     results, failures = [], []
     for i, (group, label, spec, _) in enumerate(chosen):
         print(f"[{i + 1}/{len(chosen)}] {label}: {spec or '(dense)'} ...", flush=True)

@@ -11,6 +11,13 @@ MACs drop (``r * (in + out) < in * out``; ``require_savings=False`` factorizes a
 Skipped: grouped/depthwise and transposed convs, weights read by more than one layer (tied embeddings) or computed
 in the graph, layers matching ``ignore``, and the factors of an earlier run (so a second run changes nothing).
 The SVD runs in float64; factors are stored in the weight's dtype as ``<layer>.low_rank.{0,1}.weight``.
+
+``whiten=true`` (needs ``calib_data``) factorizes against the layer's inputs instead: the rank-r weight whose
+outputs on the calibration data are closest to the layer's (graphopt/calibration/whitened_svd.py; SVD-LLM's
+truncation), and ``energy`` then counts the layer's output energy on that data, not its weights'. Layers are
+visited in graph order on the inputs the already-factorized layers before them produce (the sequential engine),
+so each one also absorbs what the earlier ones changed. ``damp`` is the ridge (relative to the mean input energy)
+that keeps the factorization defined for inputs that never vary; 3-D convs fall back to plain SVD.
 """
 
 from __future__ import annotations
@@ -22,7 +29,13 @@ from typing import ClassVar
 import torch
 import torch.fx as fx
 
+from graphopt.calibration.engine import NodeInputs, run_sequentially
+from graphopt.calibration.layer_io import input_rows, write_dense_weight
+from graphopt.calibration.statistics import InputStatistics
+from graphopt.calibration.whitened_svd import whitened_svd
 from graphopt.errors import PipelineError
+from graphopt.graph.inputs import check_batches
+from graphopt.util import distributed
 from graphopt.graph.nodes import arg, is_op, remove_dead_nodes, remove_unused_attrs, resolve, set_parameter
 from graphopt.graph.layers import CONVS, shared_weights
 from graphopt.pipeline.pass_base import Context, Pass, PassResult
@@ -44,6 +57,7 @@ class _Layer:
     matrix: torch.Tensor  # (out, fan_in)
     bias: fx.Node | None
     conv: tuple | None  # (weight shape, stride, padding, dilation) for convs
+    transposed: bool = False  # the weight is stored (in, out): addmm(b, x, W)
 
     @property
     def name(self) -> str:
@@ -63,7 +77,7 @@ def _as_layer(gm: fx.GraphModule, node: fx.Node) -> _Layer | None:
     if is_op(node, aten.addmm) and not node.kwargs and len(node.args) == 3:
         bias, x, mat = node.args
         if _param(mat):  # addmm(b, x, W) with W (in, out), as GPT-2's Conv1D stores it
-            return _Layer(node, x, mat.target, resolve(gm, mat.target).t(), bias, None)
+            return _Layer(node, x, mat.target, resolve(gm, mat.target).t(), bias, None, transposed=True)
         if isinstance(mat, fx.Node) and is_op(mat, aten.t) and _param(mat.args[0]) and len(mat.users) == 1:
             return _Layer(node, x, mat.args[0].target, resolve(gm, mat.args[0].target), bias, None)
         return None
@@ -120,6 +134,8 @@ class LowRank(Pass):
     convs: bool = True  # factorize convs too (kxk conv with r filters, then a 1x1 conv)
     require_savings: bool = True  # only where MACs drop; False factorizes every layer (exactness checks)
     round_to: int = 1  # ranks are rounded up to a multiple of this (SIMD-friendly widths)
+    whiten: bool = False  # factorize against the inputs on calib_data (best rank-r outputs, not weights)
+    damp: float = 0.01  # whiten's ridge, relative to the mean input energy
 
     def __post_init__(self):
         if not 0 < self.energy <= 1:
@@ -128,12 +144,16 @@ class LowRank(Pass):
             raise PipelineError(f"low-rank: rank_ratio must be in [0, 1] (0: use energy), got {self.rank_ratio}")
         if self.round_to < 1:
             raise PipelineError(f"low-rank: round_to must be >= 1, got {self.round_to}")
+        if not self.damp >= 0:
+            raise PipelineError(f"low-rank: damp must be >= 0, got {self.damp}")
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         if any(shape_of(n) is None for n in gm.graph.nodes if is_op(n, aten.linear, aten.addmm, *CONVS)):
             propagate(gm, ctx.inputs, fake=True)  # MACs per layer need output shapes
+        batches = check_batches(ctx.calib_data, ctx.inputs, needed_by="low-rank", why=" for whiten=true",
+                                pipeline="low-rank:whiten=true") if self.whiten else None
         shared = shared_weights(gm)
-        layers, skipped = [], {}
+        candidates, skipped = [], {}
         for node in list(gm.graph.nodes):
             layer = _as_layer(gm, node)
             if layer is None or (layer.conv is not None and not self.convs) or _TAG in f".{layer.weight_name}":
@@ -143,8 +163,18 @@ class LowRank(Pass):
             elif layer.weight_name in shared:
                 skipped[layer.name] = "weight shared with another layer"
             else:
-                result = self._factorize(gm, layer)
-                (layers.append(result) if isinstance(result, dict) else skipped.__setitem__(layer.name, result))
+                candidates.append(layer)
+        plans = self._plan_whitened(gm, candidates, batches) if batches is not None else {
+            layer.node: self._plan(layer, _plain_svd(layer.matrix)) for layer in candidates}
+        layers = []
+        for layer in candidates:
+            plan = plans[layer.node]
+            if isinstance(plan, str):
+                skipped[layer.name] = plan
+                continue
+            first, second, info = plan
+            _replace(gm, layer, first, second)
+            layers.append(info)
         if layers:
             remove_dead_nodes(gm)
             remove_unused_attrs(gm)
@@ -155,23 +185,65 @@ class LowRank(Pass):
             "layer_macs": f"{before} -> {after}" if layers else "unchanged",
             "layers": layers, "skipped_layers": skipped},
             decisions={**{x["layer"]: f"rank {x['rank']}, MACs {x['macs_before']} -> {x['macs_after']}"
-                          for x in layers}, **skipped})
+                          + (f", whitened: {x['energy_kept']}" if self.whiten else "") for x in layers}, **skipped})
 
-    def _factorize(self, gm: fx.GraphModule, layer: _Layer) -> dict | str:
+    def _plan(self, layer: _Layer, svd: "_Factored") -> tuple | str:
+        """(first, second, report row) for ``layer`` from its factorization, or why it stays."""
         w = layer.matrix.detach()
-        u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
-        rank = choose_rank(s, tuple(w.shape), w.dtype, self.energy, self.rank_ratio)
-        rank = min(len(s), math.ceil(rank / self.round_to) * self.round_to)
+        rank = choose_rank(svd.s, tuple(w.shape), w.dtype, self.energy, self.rank_ratio)
+        rank = min(len(svd.s), math.ceil(rank / self.round_to) * self.round_to)
         if self.require_savings and _macs(layer, rank) >= _macs(layer, None):
-            return f"rank {rank} of {len(s)} saves no MACs"
-        root = s[:rank].sqrt()
-        first = (root[:, None] * vh[:rank]).to(w.dtype)  # (rank, fan_in)
-        second = (u[:, :rank] * root[None, :]).to(w.dtype)  # (out, rank)
-        _replace(gm, layer, first, second)
+            return f"rank {rank} of {len(svd.s)} saves no MACs"
+        first, second = svd.factors(rank, w.dtype)
         positions = _positions(layer)
-        return {"layer": layer.name, "rank": rank, "full_rank": len(s),
-                "energy_kept": float((s[:rank] ** 2).sum() / (s ** 2).sum()),
-                "macs_before": _macs(layer, None) * positions, "macs_after": _macs(layer, rank) * positions}
+        return first, second, {"layer": layer.name, "rank": rank, "full_rank": len(svd.s),
+                               "energy_kept": float((svd.s[:rank] ** 2).sum() / (svd.s ** 2).sum()),
+                               "macs_before": _macs(layer, None) * positions,
+                               "macs_after": _macs(layer, rank) * positions}
+
+    def _plan_whitened(self, gm: fx.GraphModule, candidates: list[_Layer], batches) -> dict:
+        """Plans from whitened SVDs, layer by layer in graph order. Each factorized layer's weight is replaced by
+        its rank-r product while the engine runs, so the layers after it are factorized on the inputs the
+        factorized model gives them; the graph itself changes only afterwards."""
+        by_node = {layer.node: layer for layer in candidates}
+        plans: dict = {}
+
+        def visit(inputs: NodeInputs) -> None:
+            layer = by_node[inputs.node]
+            stored = resolve(gm, layer.weight_name)
+            parts = input_rows(inputs, stored.shape)
+            if parts is None:  # a 3-D conv: its inputs are not unfolded here
+                plans[layer.node] = self._plan(layer, _plain_svd(layer.matrix))
+                return
+            (_, rows), = parts
+            stats = InputStatistics(layer.matrix.shape[1], layer=layer.weight_name)
+            for r in rows:
+                stats.add(r)
+            stats = InputStatistics.from_tensors(distributed.sum_tensors(stats.tensors()), layer=layer.weight_name)
+            plan = self._plan(layer, whitened_svd(layer.matrix, stats.xtx, damp=self.damp, layer=layer.weight_name))
+            if not isinstance(plan, str):
+                product = plan[1] @ plan[0]
+                write_dense_weight(gm, layer.weight_name, product.t() if layer.transposed else product.reshape(stored.shape))
+                plan[2]["energy_kept"] = f"{plan[2]['energy_kept']:.4f} of the output energy on {stats.count} rows"
+            plans[layer.node] = plan
+
+        run_sequentially(gm, batches, visit, lambda node: node in by_node, desc="low-rank (whiten)")
+        return plans
+
+
+class _Factored:
+    """Plain truncated SVD W = U S V^T, with the same ``s`` / ``factors`` interface as ``WhitenedSVD``."""
+
+    def __init__(self, w: torch.Tensor):
+        self.u, self.s, self.vh = torch.linalg.svd(w.double(), full_matrices=False)
+
+    def factors(self, rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        root = self.s[:rank].sqrt()
+        return (root[:, None] * self.vh[:rank]).to(dtype), (self.u[:, :rank] * root[None, :]).to(dtype)
+
+
+def _plain_svd(w: torch.Tensor) -> _Factored:
+    return _Factored(w.detach())
 
 
 def _replace(gm: fx.GraphModule, layer: _Layer, first: torch.Tensor, second: torch.Tensor) -> None:

@@ -20,6 +20,10 @@ without layer 0 (3.40 bits per byte; dense 1.89); greedy chose layers 1 and 3, t
 criterion (bench/results/oneshot_lm.md). ``greedy=False`` takes the ``n`` best-scored alone.
 
 or by an explicit list of names (``blocks=("layers.2", "model.layers.7.mlp")``; protection does not apply).
+``repair=true`` (needs ``calib_data``) then refits the linear/conv layers that first read a removed block's output
+(a transformer's next q/k/v and gate/up, the LM head after the last layer, the next ResNet block's convs): each,
+fed what the pruned model now gives it, is solved by least squares to give the outputs it gave in the original
+model on the same batches, in graph order (graphopt/calibration/repair_after_removal.py).
 With ``plain=True``, shape-preserving modules without a skip (a conv-BN-ReLU 32->32 in a VGG stack) are candidates
 too: removing one replaces its output by its input.
 Cosines are taken along the feature axis: channels for 4-D (N, C, H, W) tensors, the last axis otherwise.
@@ -40,8 +44,10 @@ import torch.nn.functional as F
 
 from graphopt.util import distributed
 from graphopt.analysis.blocks import Block, find_blocks, remove_blocks
+from graphopt.calibration.repair_after_removal import layers_after, record_inputs, refit_recorded
 from graphopt.errors import InputError, MissingDataError, PassError, PipelineError
-from graphopt.graph.inputs import ExampleInputs, flat_outputs
+from graphopt.graph.inputs import ExampleInputs, check_batches, flat_outputs
+from graphopt.graph.layers import shared_weights
 from graphopt.pipeline.pass_base import Context, Pass, PassResult
 from graphopt.graph.patterns import matches
 from graphopt.util.progress import progress
@@ -72,6 +78,8 @@ class RemoveLayers(Pass):
     use_example_inputs: bool = False  # score on the example inputs when no calib_data was given
     max_batches: int = 0  # 0: every calibration batch
     greedy: bool = True  # choose one block at a time, scoring the rest with the chosen ones already dropped
+    repair: bool = False  # refit the layers right after removed blocks to the original outputs (needs calib_data)
+    damp: float = 0.01  # repair's ridge towards the old weights, relative to the mean input energy
 
     def __post_init__(self):
         given = (("n", self.n is not None), ("fraction", bool(self.fraction)), ("blocks", bool(self.blocks)))
@@ -85,6 +93,8 @@ class RemoveLayers(Pass):
         if self.criterion not in CRITERIA:
             raise PipelineError(f"remove-layers: unknown criterion '{self.criterion}'; "
                                 f"choose one of {', '.join(CRITERIA)} (or name blocks=...)")
+        if not self.damp >= 0:
+            raise PipelineError(f"remove-layers: damp must be >= 0, got {self.damp}")
         if self.unit not in UNITS:
             raise PipelineError(f"remove-layers: unit must be one of {', '.join(UNITS)}, got '{self.unit}'")
 
@@ -102,7 +112,9 @@ class RemoveLayers(Pass):
             chosen, scores = self._ranked(gm, ctx, candidates, count)
         windows = scores.pop("windows", None)
         params = {b.name: b.numel for b in chosen}
+        recorded, batches = self._record_for_repair(gm, ctx, candidates, chosen) if self.repair else ({}, None)
         remove_blocks(gm, chosen)
+        repaired = refit_recorded(gm, batches, recorded, damp=self.damp) if recorded else {}
         removed = [{"block": b.name, "score": scores.get(b.name), "params": params[b.name]} for b in chosen]
         text = ", ".join(b.name + ("" if scores.get(b.name) is None else f" ({scores[b.name]:.3g})")
                          for b in chosen)
@@ -110,10 +122,22 @@ class RemoveLayers(Pass):
                      if isinstance(score, (int, float))}
         decisions.update({b.name: "removed" + ("" if scores.get(b.name) is None else f" (score {scores[b.name]:.3g})")
                           for b in chosen})
+        decisions.update({name.rpartition(".")[0] or name: note for name, note in repaired.items()})
         return PassResult(gm, modified=bool(chosen), decisions=decisions, stats={
+            **({"layers_refit": len(repaired)} if self.repair else {}),
             "criterion": "explicit" if self.blocks else self.criterion, "removed": text,
             "blocks_found": len(candidates), "removed_blocks": removed, "scores": scores,
             **({"windows": windows} if windows else {})})
+
+    def _record_for_repair(self, gm: fx.GraphModule, ctx: Context, candidates: list[Block], chosen: list[Block]):
+        """The original inputs of the layers right after the chosen blocks (weights read once only: refitting a
+        tied LM head would change the embedding too), and the calibration batches they came from."""
+        batches = check_batches(ctx.calib_data, ctx.inputs, needed_by="remove-layers", why=" for repair=true",
+                                pipeline="remove-layers:repair=true")
+        stops = {b.output for b in candidates if b not in chosen}
+        shared = shared_weights(gm)
+        names = {name for name in layers_after([b.output for b in chosen], stops) if name not in shared}
+        return (record_inputs(gm, batches, names) if names else {}), batches
 
     def _named(self, gm: fx.GraphModule) -> list[Block]:
         """The blocks named in ``blocks`` (layer or branch names); PassError for a name that is none."""

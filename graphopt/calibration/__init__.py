@@ -8,7 +8,9 @@ layer's. ``sparsegpt`` prunes with OBS weight updates, ``wanda_mask`` prunes by 
 the damped factorization they share: pure tensor math over (out, in) matrices. ``run_sequentially`` (engine.py) is
 the sequential calibration engine the data-aware passes share: the graph run over all calibration batches node by
 node, each layer visited with the inputs of the already-compressed layers before it; prune_weights.py runs Wanda
-and SparseGPT on it for the sparsify pass.
+and SparseGPT on it for the sparsify pass, reconstruct.py the refit for prune-channels, whitened_svd.py the
+data-aware factorization for low-rank, repair_after_removal.py (with cross_refit.py) the refit to the original
+model's outputs for remove-layers.
 
 May import: graphopt.errors, graphopt.util, graphopt.graph, graphopt.analysis.
 """
