@@ -54,15 +54,6 @@ def llama_params(h: int, layers: int, vocab: int = VOCAB) -> int:
 
 # ---------------------------------------------------------------- child: one size, measured in stages
 
-def _status() -> dict[str, int]:
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(("VmRSS", "VmHWM")):
-            key, value = line.split(":")
-            out[key] = int(value.split()[0]) * 1024
-    return out
-
-
 class Marks:
     """Stage marks: (label, seconds since start, RSS at the mark, peak RSS since the previous mark)."""
 
@@ -75,7 +66,9 @@ class Marks:
             self.resets = False
 
     def mark(self, label: str) -> None:
-        s = _status()
+        from graphopt.util.process_memory import resident_bytes  # here: the parent process never loads torch
+
+        s = resident_bytes()
         self.rows.append((label, time.perf_counter() - self.start, s["VmRSS"], s["VmHWM"]))
         print("MARK " + json.dumps(self.rows[-1]), flush=True)  # progress for the parent, kept if the run dies
         if self.resets:

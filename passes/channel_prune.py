@@ -5,8 +5,7 @@ same ratio in every group; global: lowest normalized scores across groups), and 
 (graphopt.analysis.dependency.apply). Parameters physically shrink; nothing is masked. With ``steps > 1`` the ratio is
 reached gradually and ``finetune(gm, step)`` runs between steps (prune a little, recover, repeat).
 
-``reconstruct`` (on whenever ``calib_data`` is given; ``reconstruct=false`` turns it off, ``true`` demands the data)
-repairs what a step removes before removing it: every linear or conv
+``reconstruct=true`` (needs ``calib_data``) repairs what a step removes before removing it: every linear or conv
 that reads a removed channel is refit by least squares on the calibration inputs the already-repaired layers before
 it produce, and the removed channels' mean contribution goes into its bias, or into the running mean of the
 BatchNorm right after it (graphopt/calibration/reconstruct.py); ``damp`` regularizes the solve towards the old
@@ -64,9 +63,10 @@ class PruneChannels(Pass):
     finetune: Callable | None = None  # finetune(gm, step) between steps
     loss_fn: Callable | None = None  # for importance='taylor': loss_fn(output, batch) -> scalar
     loss: str = "output-norm"  # for importance='taylor' without loss_fn: output-norm | cross-entropy
-    # refit the layers reading removed channels on calib_data (least squares + bias). None: whenever calib_data is
-    # given; it lowered the one-shot error everywhere measured (digits 50%/70%, the byte-level Llama, l2/activation)
-    reconstruct: bool | None = None
+    # refit the layers reading removed channels on calib_data (least squares + bias). It lowered the one-shot error
+    # everywhere measured (digits 50%/70%, the byte-level Llama), but costs: on a 440M Llama the pass took 43 s instead
+    # of 2 s and its peak grew by 1.7 GB (measured with bench/oneshot_scale.py), so it is asked for, not assumed
+    reconstruct: bool = False
     damp: float = 0.01  # reconstruct's damping: a share of the mean diagonal of each Gram matrix
     uniform: bool | None = None  # repeated layers keep equal widths under global ranking; None: on for HF models
 
@@ -89,16 +89,13 @@ class PruneChannels(Pass):
         if self.round_to < 1 or self.steps < 1 or not 0 < self.max_ratio_per_group < 1:
             raise PipelineError("prune-channels: round_to and steps must be >= 1, max_ratio_per_group in (0, 1)")
 
-    def _reconstructs(self, ctx: Context) -> bool:
-        return self.reconstruct if self.reconstruct is not None else ctx.calib_data is not None
-
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         _check_patterns(gm, self.ignore + tuple(p for p, _ in self.ratios))
         weights = _layer_weights(gm)
         before = _shapes(gm, weights)
         removed_total, pruned_groups, repairs, head_notes = 0, 0, {}, {}
         batches = check_batches(ctx.calib_data, ctx.inputs, needed_by="prune-channels", why=" for reconstruct=true",
-                                pipeline="prune-channels:reconstruct=true") if self._reconstructs(ctx) else None
+                                pipeline="prune-channels:reconstruct=true") if self.reconstruct else None
         step_keep = (1 - self.ratio) ** (1 / self.steps)
         for step in range(self.steps):
             dep = ctx.analysis(DependencyGraph, gm) if step == 0 else DependencyGraph(gm, ctx)  # step 1+: pruned
@@ -121,7 +118,7 @@ class PruneChannels(Pass):
             decisions[layer] = f"{decisions.get(layer, 'unchanged')}; {note}"
         decisions.update(head_notes)
         stats = {"groups_pruned": pruned_groups, "params_removed": removed_total, "steps": self.steps}
-        if self._reconstructs(ctx):
+        if self.reconstruct:
             stats["layers_refit"] = sum(1 for note in repairs.values() if note.startswith("refit"))
         return PassResult(gm, modified=removed_total > 0, stats=stats, decisions=decisions)
 

@@ -20,17 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from graphopt.util.process_memory import resident_bytes
+
 WIDTH, ROWS, BATCHES = 64, 8192, 8
 MB = 2**20
-
-
-def _status() -> dict[str, int]:
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(("VmRSS", "VmHWM")):
-            key, value = line.split(":")
-            out[key] = int(value.split()[0]) * 1024
-    return out
 
 
 def _child(depth: int) -> dict:
@@ -84,11 +77,11 @@ def _child(depth: int) -> dict:
     run_sequentially(gm, [ExampleInputs.of(b) for b in batches], lambda inputs: None,
                      lambda n: is_op(n, torch.ops.aten.linear), memory=memory)
 
-    before = _status()["VmRSS"]
+    before = resident_bytes()["VmRSS"]
     Path("/proc/self/clear_refs").write_text("5")
     res = graphopt.optimize(model, ["sparsify:sparsity=0.5,method=sparsegpt"], batches[0], calib_data=batches,
                             graph=gm)
-    peak = _status()["VmHWM"]
+    peak = resident_bytes()["VmHWM"]
     stats = res.report.records[0].stats
     return {"delta": peak - before, "engine_peak": memory["peak_bytes"], "activation_bytes": activation_bytes,
             "layers_sparsified": stats["layers_sparsified"], "sparsity": stats["sparsity"]}
