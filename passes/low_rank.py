@@ -32,7 +32,7 @@ import torch.fx as fx
 from graphopt.calibration.engine import NodeInputs, run_sequentially
 from graphopt.calibration.layer_io import input_rows, write_dense_weight
 from graphopt.calibration.statistics import InputStatistics
-from graphopt.calibration.whitened_svd import whitened_svd
+from graphopt.calibration.whitened_svd import WhitenedSVD, whitened_svd
 from graphopt.errors import PipelineError
 from graphopt.graph.inputs import check_batches
 from graphopt.util import distributed
@@ -165,7 +165,7 @@ class LowRank(Pass):
             else:
                 candidates.append(layer)
         plans = self._plan_whitened(gm, candidates, batches) if batches is not None else {
-            layer.node: self._plan(layer, _plain_svd(layer.matrix)) for layer in candidates}
+            layer.node: self._plan(layer, _Factored(layer.matrix)) for layer in candidates}
         layers = []
         for layer in candidates:
             plan = plans[layer.node]
@@ -187,7 +187,7 @@ class LowRank(Pass):
             decisions={**{x["layer"]: f"rank {x['rank']}, MACs {x['macs_before']} -> {x['macs_after']}"
                           + (f", whitened: {x['energy_kept']}" if self.whiten else "") for x in layers}, **skipped})
 
-    def _plan(self, layer: _Layer, svd: "_Factored") -> tuple | str:
+    def _plan(self, layer: _Layer, svd: _Factored | WhitenedSVD) -> tuple | str:
         """(first, second, report row) for ``layer`` from its factorization, or why it stays."""
         w = layer.matrix.detach()
         rank = choose_rank(svd.s, tuple(w.shape), w.dtype, self.energy, self.rank_ratio)
@@ -213,7 +213,7 @@ class LowRank(Pass):
             stored = resolve(gm, layer.weight_name)
             parts = input_rows(inputs, stored.shape)
             if parts is None:  # a 3-D conv: its inputs are not unfolded here
-                plans[layer.node] = self._plan(layer, _plain_svd(layer.matrix))
+                plans[layer.node] = self._plan(layer, _Factored(layer.matrix))
                 return
             (_, rows), = parts
             stats = InputStatistics(layer.matrix.shape[1], layer=layer.weight_name)
@@ -235,15 +235,11 @@ class _Factored:
     """Plain truncated SVD W = U S V^T, with the same ``s`` / ``factors`` interface as ``WhitenedSVD``."""
 
     def __init__(self, w: torch.Tensor):
-        self.u, self.s, self.vh = torch.linalg.svd(w.double(), full_matrices=False)
+        self.u, self.s, self.vh = torch.linalg.svd(w.detach().double(), full_matrices=False)
 
     def factors(self, rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         root = self.s[:rank].sqrt()
         return (root[:, None] * self.vh[:rank]).to(dtype), (self.u[:, :rank] * root[None, :]).to(dtype)
-
-
-def _plain_svd(w: torch.Tensor) -> _Factored:
-    return _Factored(w.detach())
 
 
 def _replace(gm: fx.GraphModule, layer: _Layer, first: torch.Tensor, second: torch.Tensor) -> None:
