@@ -297,14 +297,18 @@ def plot(results: list, dense: float, out: Path) -> str:
     return f"\n![bits per byte per method]({path.name})\n"
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, ~30 s of training, a few rows")
     parser.add_argument("--rows", default="", help="comma-separated substrings of row groups, method names or pass strings")
     parser.add_argument("--retrain", action="store_true")
     parser.add_argument("--out", default=None,
                         help="default bench/results/oneshot_lm.md (--quick: bench/cache/oneshot_lm_quick.md)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     out = Path(args.out or ("bench/cache/oneshot_lm_quick.md" if args.quick else "bench/results/oneshot_lm.md"))
     torch.set_num_threads(2)
     wall = time.perf_counter()
