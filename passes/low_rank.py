@@ -35,7 +35,6 @@ from graphopt.calibration.statistics import InputStatistics
 from graphopt.calibration.whitened_svd import WhitenedSVD, whitened_svd
 from graphopt.errors import PipelineError
 from graphopt.graph.inputs import check_batches
-from graphopt.util import distributed
 from graphopt.graph.nodes import arg, is_op, remove_dead_nodes, remove_unused_attrs, resolve, set_parameter
 from graphopt.graph.layers import CONVS, shared_weights
 from graphopt.pipeline.pass_base import Context, Pass, PassResult
@@ -216,10 +215,7 @@ class LowRank(Pass):
                 plans[layer.node] = self._plan(layer, _Factored(layer.matrix))
                 return
             (_, rows), = parts
-            stats = InputStatistics(layer.matrix.shape[1], layer=layer.weight_name)
-            for r in rows:
-                stats.add(r)
-            stats = InputStatistics.from_tensors(distributed.sum_tensors(stats.tensors()), layer=layer.weight_name)
+            stats = InputStatistics.of_rows(rows, layer.matrix.shape[1], layer=layer.weight_name)
             plan = self._plan(layer, whitened_svd(layer.matrix, stats.xtx, damp=self.damp, layer=layer.weight_name))
             if not isinstance(plan, str):
                 product = plan[1] @ plan[0]

@@ -25,7 +25,6 @@ from graphopt.calibration.statistics import InputStatistics
 from graphopt.calibration.wanda import wanda_mask
 from graphopt.graph.inputs import ExampleInputs
 from graphopt.graph.nodes import resolve
-from graphopt.util import distributed
 
 __all__ = ["METHODS", "WeightTarget", "prune_with_data"]
 
@@ -74,10 +73,7 @@ def prune_with_data(gm: fx.GraphModule, batches: Sequence[ExampleInputs], target
 def _solve(matrix: torch.Tensor, rows: list[torch.Tensor], target: WeightTarget, method: str,
            factors: _LastFactor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(new weight, keep mask) of one (out, in) matrix from the rows it saw, statistics summed over all ranks."""
-    stats = InputStatistics(matrix.shape[1], gram=method == "sparsegpt", layer=target.name)
-    for r in rows:
-        stats.add(r)
-    stats = InputStatistics.from_tensors(distributed.sum_tensors(stats.tensors()), layer=target.name)
+    stats = InputStatistics.of_rows(rows, matrix.shape[1], gram=method == "sparsegpt", layer=target.name)
     n, m = (target.pattern.n, target.pattern.m) if target.pattern.is_nm else (0, 0)
     sparsity = 1 - n / m if m else target.sparsity
     if method == "wanda":

@@ -27,7 +27,6 @@ from graphopt.calibration.statistics import InputStatistics
 from graphopt.graph.batch_norm import running_mean_after
 from graphopt.graph.inputs import ExampleInputs
 from graphopt.graph.nodes import arg, is_op, resolve
-from graphopt.util import distributed
 
 __all__ = ["RefitTarget", "refit_before_removal", "refit_targets"]
 
@@ -80,10 +79,7 @@ def refit_before_removal(gm: fx.GraphModule, batches: Sequence[ExampleInputs], t
         matrix = stored.reshape(stored.shape[0], -1)
         per_channel = matrix.shape[1] // stored.shape[1]  # unfolded columns per input channel (the kernel size)
         (_, rows), = input_rows(inputs, stored.shape)
-        stats = InputStatistics(matrix.shape[1], layer=target.weight)
-        for r in rows:
-            stats.add(r)
-        stats = InputStatistics.from_tensors(distributed.sum_tensors(stats.tensors()), layer=target.weight)
+        stats = InputStatistics.of_rows(rows, matrix.shape[1], layer=target.weight)
         gone = torch.zeros(stored.shape[1], dtype=torch.bool)
         gone[list(target.removed)] = True
         kept = (~gone).repeat_interleave(per_channel)

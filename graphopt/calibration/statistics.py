@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from graphopt.errors import InputError
+from graphopt.util import distributed
 
 __all__ = ["InputStatistics", "conv_input_rows"]
 
@@ -81,6 +82,16 @@ class InputStatistics:
                              "a rank without data still contributes tensors of the right shape")
         count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.sum.device)
         return [t for t in (self.xtx, self.sum, self.sq_norm) if t is not None] + [count]
+
+    @classmethod
+    def of_rows(cls, rows: Sequence[torch.Tensor], features: int, *, gram: bool = True,
+                layer: str = "input") -> "InputStatistics":
+        """The statistics of ``rows`` (each (n, features)), summed over every rank when torch.distributed is
+        initialized: what each data-aware solver needs for one layer, gathered the same way everywhere."""
+        stats = cls(features, gram=gram, layer=layer)
+        for r in rows:
+            stats.add(r)
+        return cls.from_tensors(distributed.sum_tensors(stats.tensors()), layer=layer)
 
     @classmethod
     def from_tensors(cls, tensors: Sequence[torch.Tensor], *, layer: str = "input") -> "InputStatistics":
