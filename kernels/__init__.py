@@ -8,7 +8,9 @@ from graphopt.kernels import ops  # noqa: F401  (registers torch.ops.graphopt.sp
 from graphopt.kernels.build import library
 from graphopt.kernels.choose import Choice, choose_format
 from graphopt.kernels.formats import FORMATS, PackedWeight, SparseFormatError, pack, unpack, validate
-from graphopt.kernels.modules import SparseLinear
+from graphopt.kernels.modules import QuantLinear, SparseLinear
+from graphopt.kernels.quant_format import QuantizedWeight, dequantize, pack_quantized, quantize_rtn, unpack_codes
 
-__all__ = ["FORMATS", "Choice", "PackedWeight", "SparseFormatError", "SparseLinear", "choose_format", "library",
-           "pack", "unpack", "validate"]
+__all__ = ["FORMATS", "Choice", "PackedWeight", "QuantLinear", "QuantizedWeight", "SparseFormatError", "SparseLinear",
+           "choose_format", "dequantize", "library", "pack", "pack_quantized", "quantize_rtn", "unpack", "unpack_codes",
+           "validate"]
