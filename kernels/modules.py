@@ -105,3 +105,11 @@ class QuantLinear(nn.Module):
         compute = "float" if self.act_group == 0 else f"int8 per {self.act_group}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, symmetric={self.zeros.numel() == 0}, compute={compute}")
+
+
+class QuantPointwiseConv(QuantLinear):
+    """A 1x1, stride-1 Conv2d as a QuantLinear over channels: NCHW in, NCHW out (the rows are NHWC views)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The 1x1 convolution of ``x`` (N, C, H, W)."""
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)

@@ -77,7 +77,7 @@ def constant_weight(gm: fx.GraphModule, node) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
-def _is_pointwise_conv(node: fx.Node, weight: torch.Tensor) -> bool:
+def is_pointwise_conv(node: fx.Node, weight: torch.Tensor) -> bool:
     """A conv2d that is a per-pixel linear map: 1x1 kernel, stride 1, no padding, dilation 1, one group."""
     args = list(node.args) + [None] * (7 - len(node.args))
     stride, padding, dilation, groups = (node.kwargs.get(k, a) for k, a in
@@ -92,7 +92,7 @@ def _as_layer(gm: fx.GraphModule, node: fx.Node):
     ``mm(x, W)`` with a stored W (HF GPT-2's Conv1D); None for anything else."""
     if is_op(node, aten.linear, aten.conv2d):
         weight = constant_weight(gm, node.args[1])
-        if weight is None or (is_op(node, aten.conv2d) and not _is_pointwise_conv(node, weight)):
+        if weight is None or (is_op(node, aten.conv2d) and not is_pointwise_conv(node, weight)):
             return None
         bias = arg(node, "bias")
         return node.args[0], weight.detach().reshape(weight.shape[0], -1), bias, is_op(node, aten.conv2d)
@@ -106,7 +106,7 @@ def _as_layer(gm: fx.GraphModule, node: fx.Node):
     return None
 
 
-def _rows_per_call(x: fx.Node, conv: bool, default: int) -> int:
+def rows_per_call(x: fx.Node, conv: bool, default: int) -> int:
     shape = shape_of(x) if isinstance(x, fx.Node) else None
     if shape is None:
         return default
@@ -166,7 +166,7 @@ class LowerSparse(Pass):
                     self._replace_gpu(gm, node, x, bias, decision, layer, is_conv)
                     lowered += 1
                 continue
-            decision = self._decide(w2, _rows_per_call(x, is_conv, self.rows or 1))
+            decision = self._decide(w2, rows_per_call(x, is_conv, self.rows or 1))
             decisions[layer] = decision if isinstance(decision, str) else decision.fmt
             if not isinstance(decision, str):
                 packed = pack(w2, decision.fmt, what=f"weight of {layer}")

@@ -146,7 +146,7 @@ class Sparsify(Pass):
         layers, skipped = self._layers(gm)
         targets = {}
         for node in gm.graph.nodes:
-            slot = _weight_slot(node)
+            slot = weight_slot(node)
             name = node.args[slot[0]].target if slot else None
             if name in layers and all(t.name != name for t in targets.values()):
                 pattern, target, transposed = layers[name]
@@ -257,7 +257,7 @@ class Sparsify(Pass):
 
 def find_layers(gm: fx.GraphModule, *, skip_output: bool = False) -> tuple[dict[str, bool], dict[str, str]]:
     """{weight name: stored (in, out)} of the layers that may be sparsified (graph order); {name: reason} of the rest."""
-    weight_of = {n: n.args[_weight_slot(n)[0]] for n in gm.graph.nodes if _weight_slot(n) is not None}
+    weight_of = {n: n.args[weight_slot(n)[0]] for n in gm.graph.nodes if weight_slot(n) is not None}
     only_weight: dict[str, bool] = {}  # is this attribute read as a layer weight and nothing else?
     for n in gm.graph.nodes:
         for user in n.users if n.op == "get_attr" else ():
@@ -277,11 +277,11 @@ def find_layers(gm: fx.GraphModule, *, skip_output: bool = False) -> tuple[dict[
         elif node in outputs:
             skipped[name] = "output layer"
         else:
-            names[name] = _weight_slot(node)[1]
+            names[name] = weight_slot(node)[1]
     return names, skipped
 
 
-def _weight_slot(node: fx.Node) -> tuple[int, bool] | None:
+def weight_slot(node: fx.Node) -> tuple[int, bool] | None:
     """(argument position, transposed) of a layer node whose weight is a stored tensor (get_attr); else None."""
     slot = next((v for op, v in LAYER_OPS.items() if is_op(node, op)), None)
     if slot is None or len(node.args) <= slot[0]:

@@ -12,7 +12,7 @@ and SparseGPT on it for the sparsify pass, reconstruct.py the refit for prune-ch
 data-aware factorization for low-rank, repair_after_removal.py (with cross_refit.py) the refit to the original
 model's outputs for remove-layers.
 
-May import: graphopt.errors, graphopt.util, graphopt.graph, graphopt.analysis.
+May import: graphopt.errors, graphopt.util, graphopt.graph, graphopt.analysis, graphopt.kernels.
 """
 
 from graphopt.calibration.engine import NodeInputs, run_sequentially

@@ -45,7 +45,7 @@ def prune_with_data(gm: fx.GraphModule, batches: Sequence[ExampleInputs], target
                     method: str, *, damp: float = 0.01, block_size: int = 128) -> dict[str, str]:
     """Prune every target layer of ``gm`` in place with ``method``; returns ``{weight name: how it was pruned}``."""
     notes: dict[str, str] = {}
-    factors = _LastFactor(damp)
+    factors = LastFactor(damp)
 
     def visit(inputs: NodeInputs) -> None:
         target = targets[inputs.node]
@@ -71,7 +71,7 @@ def prune_with_data(gm: fx.GraphModule, batches: Sequence[ExampleInputs], target
 
 
 def _solve(matrix: torch.Tensor, rows: list[torch.Tensor], target: WeightTarget, method: str,
-           factors: _LastFactor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+           factors: LastFactor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(new weight, keep mask) of one (out, in) matrix from the rows it saw, statistics summed over all ranks."""
     stats = InputStatistics.of_rows(rows, matrix.shape[1], gram=method == "sparsegpt", layer=target.name)
     n, m = (target.pattern.n, target.pattern.m) if target.pattern.is_nm else (0, 0)
@@ -83,7 +83,7 @@ def _solve(matrix: torch.Tensor, rows: list[torch.Tensor], target: WeightTarget,
                      layer=target.name, factor=factors.of(hessian, target.name))
 
 
-class _LastFactor:
+class LastFactor:
     """The damped inverse-Hessian factor of the last Hessian seen, reused while the next one is equal: layers
     that read one input (q/k/v, gate/up) come one after another in graph order, and the O(in^3) factorization
     was 40% of SparseGPT's time on a Llama. Equality is checked on the values, never assumed from the node."""

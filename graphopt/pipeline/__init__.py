@@ -3,7 +3,7 @@ the instruments it calls around every pass (instruments.py), pass names and pipe
 report (report.py), and the counts the report and instruments use (metrics.py). The passes themselves live in
 ``graphopt.passes`` (the passes/ folder), above this package.
 
-May import: graphopt.errors, graphopt.util, graphopt.graph.
+May import: graphopt.errors, graphopt.util, graphopt.graph, graphopt.kernels.
 """
 
 from graphopt.pipeline.manager import PassManager, check_order

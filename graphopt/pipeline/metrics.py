@@ -10,9 +10,19 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
+import graphopt.kernels  # noqa: F401  (registers torch.ops.graphopt.*, counted below)
 from graphopt.graph.inputs import ExampleInputs
+
+
+@register_flop_formula(torch.ops.graphopt.quant_linear)
+def _quant_linear_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
+    """A quantized linear does every multiply-add of the dense one (in integers or floats); x (..., in)."""
+    rows = 1
+    for d in x_shape[:-1]:
+        rows *= d
+    return 2 * rows * x_shape[-1] * out_shape[-1]
 
 
 def count_params(module: nn.Module) -> int:

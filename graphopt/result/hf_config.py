@@ -173,13 +173,17 @@ def _out(layer: nn.Module, path: str) -> int:
         return 0
     if isinstance(module, nn.Sequential):  # a low-rank pair: the second layer gives the width
         module = module[-1]
+    if not hasattr(module, "weight"):  # graphopt's kernel modules (QuantLinear, SparseLinear) hold packed weights
+        return module.out_features
     weight = module.weight
     return weight.shape[1] if type(module).__name__ == "Conv1D" else weight.shape[0]
 
 
 def _in(layer: nn.Module, path: str) -> int:
     module = layer.get_submodule(path)
-    return module[0].weight.shape[1] if isinstance(module, nn.Sequential) else module.weight.shape[1]
+    if isinstance(module, nn.Sequential):
+        module = module[0]
+    return module.weight.shape[1] if hasattr(module, "weight") else module.in_features
 
 
 def _set(config, field: str, value) -> None:

@@ -7,7 +7,9 @@
 - low-rank factors (``<layer>.low_rank.{0,1}.weight``): the layer becomes ``nn.Sequential`` of two layers;
 - BatchNorm folded into the layer before it (none of its tensors read any more): ``nn.Identity``;
 - sparsity masks: the same ``WeightMask`` parametrization on the model's weight;
-- lowered sparse layers (``graphopt::sparse_linear``): ``graphopt.kernels.modules.SparseLinear``.
+- lowered sparse layers (``graphopt::sparse_linear``): ``graphopt.kernels.modules.SparseLinear``;
+- weight-quantized layers (``graphopt::quant_linear``): ``graphopt.kernels.modules.QuantLinear`` (a Linear or
+  HF Conv1D) or ``QuantPointwiseConv`` (a 1x1 Conv2d), holding the packed codes as buffers.
 
 Names: the graph reads tensors by the original qualified names; ``rename`` maps the few that move (a low-rank
 bias, packed sparse buffers) to their place in the edited model. Deletions from lists come last, after the
@@ -67,6 +69,7 @@ def apply_structure(model: nn.Module, gm: fx.GraphModule, snap, inputs: ExampleI
     rename: dict[str, str] = {}
     rename.update(_low_rank(model, gm))
     rename.update(_sparse_kernels(model, gm))
+    rename.update(_quant_kernels(model, gm))
     _masks(model, gm)
     _removed_branches(model, gm, inputs)
     _folded_norms(model, gm, snap)
@@ -147,6 +150,30 @@ def _sparse_kernels(model: nn.Module, gm: fx.GraphModule) -> dict[str, str]:
         cls = SparseLinear if isinstance(old, nn.Linear) else _pointwise_conv_class()
         _replace(model, path, cls(packed, bias_value, threads))
         for part, arg in zip(("values", "cols", "ptr"), (values, cols, ptr)):
+            rename[arg.target] = f"{path}.{part}"
+        if isinstance(bias, fx.Node):
+            rename[bias.target] = f"{path}.bias"
+    return rename
+
+
+def _quant_kernels(model: nn.Module, gm: fx.GraphModule) -> dict[str, str]:
+    """Layers running ``graphopt::quant_linear`` become QuantLinear / QuantPointwiseConv modules."""
+    from graphopt.kernels.modules import QuantLinear, QuantPointwiseConv
+
+    rename = {}
+    for node in gm.graph.find_nodes(op="call_function", target=torch.ops.graphopt.quant_linear.default):
+        x, qweight, scales, zeros, bias, *settings = node.args
+        path = qweight.target.rpartition(".")[0]
+        old = _module(model, path) if path else None
+        linear = isinstance(old, nn.Linear) or type(old).__name__ == "Conv1D"
+        if not (linear or isinstance(old, nn.Conv2d)):
+            raise WritebackError(f"to_model(): the quantized kernel `{node.name}` has no Linear/1x1-conv module of "
+                                 "the model to stand in for; use result.module")
+        tensors = [resolve(gm, a.target) for a in (qweight, scales, zeros)]
+        bias_value = resolve(gm, bias.target) if isinstance(bias, fx.Node) else None
+        cls = QuantLinear if linear else QuantPointwiseConv
+        _replace(model, path, cls(*tensors, bias_value, *settings))
+        for part, arg in zip(("qweight", "scales", "zeros"), (qweight, scales, zeros)):
             rename[arg.target] = f"{path}.{part}"
         if isinstance(bias, fx.Node):
             rename[bias.target] = f"{path}.bias"
