@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from graphopt.kernels import ops, quant_ops  # noqa: F401  (registers torch.ops.graphopt.*)
+from graphopt.kernels import ops, quant_autograd, quant_ops  # noqa: F401  (registers torch.ops.graphopt.*)
 from graphopt.kernels.formats import PackedWeight, pack, validate
 from graphopt.kernels.quant_format import QuantizedWeight, act_group_for, pack_quantized, quantize_rtn
 
@@ -71,7 +71,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
         self.register_buffer("zeros", zeros)
-        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
+        # a Parameter, as in nn.Linear: it trains (the op has a gradient for it) while the codes stay fixed
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.float32).clone())
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None, act_group: int | None = None,
