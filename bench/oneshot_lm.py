@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import graphopt  # noqa: E402
 from benchkit import provenance, publish  # noqa: E402
+from graphopt.pipeline.metrics import model_bytes  # noqa: E402
 
 FULL = dict(model=dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
                        intermediate_size=688, max_position_embeddings=256),
@@ -71,7 +72,20 @@ def rows(layers: int) -> list[tuple[str, str, str, bool]]:
     last = ",".join(f"model.layers.{i}" for i in (layers - 2, layers - 1))
     out += [("remove 2", "drop the last 2 (remove-layers blocks=)", f"remove-layers:blocks=[{last}]", True),
             ("remove 2", "drop the last 2 (by hand, no graphopt)", "by-hand", False)]
-    return out + repair_rows(last)
+    return out + repair_rows(last) + quant_rows()
+
+
+def quant_rows() -> list[tuple[str, str, str, bool]]:
+    """Weight-only int8/int4 and dynamic int8, RTN against GPTQ; every layer on the kernels (min_speedup=0)."""
+    out = []
+    for label, grid in (("int8 per-channel", "bits=8,group_size=none"), ("int4 g128", "bits=4,group_size=128"),
+                        ("int4 g32", "bits=4,group_size=32")):
+        for method in ("rtn", "gptq", "gptq act-order"):
+            opts = f"method={method.split()[0]}" + (",act_order=true" if "act-order" in method else "")
+            out.append(("weight quant", f"{label} {method}", f"quantize-weights:{grid},{opts},min_speedup=0",
+                        method == "rtn" and label == "int4 g128"))
+    out.append(("weight quant", "dynamic int8", "dynamic-quant:min_speedup=0", False))
+    return out
 
 
 def repair_rows(last: str) -> list[tuple[str, str, str, bool]]:
@@ -224,7 +238,7 @@ def run_row(model, spec: str, example, calib, graph, windows) -> dict:
                 if type(m).__name__ != "LlamaForCausalLM" or diff > 1e-3:
                     notes.append(f"to_model() is {type(m).__name__}, max |logit diff| vs result.module {diff:.2g}")
     return dict(bpb=bits_per_byte(m, windows), params=graphopt.count_params(m), nonzero=nonzero(m),
-                seconds=seconds, notes=notes)
+                seconds=seconds, notes=notes, mb=model_bytes(m) / 1e6)
 
 
 def fmt_params(r: dict) -> str:
@@ -234,18 +248,18 @@ def fmt_params(r: dict) -> str:
 
 def table(results: list, dense: float) -> str:
     mag = {g: r["bpb"] for g, label, _, r in results if "bpb" in r and label.endswith("magnitude")}
-    lines = ["| method | pass string | bpb | gap vs dense | magnitude gap closed | params | optimize s |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| method | pass string | bpb | gap vs dense | magnitude gap closed | params | MB | optimize s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for group, label, spec, r in results:
         code = f"`{spec}`" if spec and spec != "by-hand" else ("(hand-built copy)" if spec else "")
         if "bpb" not in r:
-            lines.append(f"| {label} | {code} | {r['error']} | | | | |")
+            lines.append(f"| {label} | {code} | {r['error']} | | | | | |")
             continue
         closed = f"{(mag[group] - r['bpb']) / (mag[group] - dense):.0%}" if group in mag and mag[group] > dense \
             and not label.endswith("magnitude") else ""
         note = "".join(f" ({n})" for n in r["notes"])
         lines.append(f"| {label}{note} | {code} | {r['bpb']:.3f} | {r['bpb'] - dense:+.3f} | {closed} | "
-                     f"{fmt_params(r)} | {r['seconds']:.1f} |")
+                     f"{fmt_params(r)} | {r['mb']:.2f} | {r['seconds']:.1f} |")
     return "\n".join(lines)
 
 
@@ -271,6 +285,10 @@ def summary(results: list, dense: float) -> list[str]:
     for ratio in ("0.375", "0.25"):
         check(f"whitening lowers low-rank's bpb at rank ratio {ratio} (plain, whitened)", f"low-rank {ratio}",
               f"low-rank {ratio} whitened", ok=lambda a, b: b < a)
+    for grid in ("int4 g128", "int4 g32"):
+        check(f"GPTQ lowers the bpb of RTN at {grid} (rtn, gptq)", f"{grid} rtn", f"{grid} gptq", ok=lambda a, b: b < a)
+    check("int8 per-channel weights stay within 0.01 bpb of dense (dense, rtn)", "dense", "int8 per-channel rtn",
+          ok=lambda d, q: abs(q - d) <= 0.01)
     return out
 
 
@@ -333,7 +351,7 @@ def main(argv=None) -> None:
         try:
             r = run_row(model, spec, example, calib, graph, windows) if spec else \
                 dict(bpb=bits_per_byte(model, windows), params=graphopt.count_params(model), nonzero=nonzero(model),
-                     seconds=0.0, notes=[])
+                     seconds=0.0, notes=[], mb=model_bytes(model) / 1e6)
         except Exception as e:  # noqa: BLE001 -- every failure is a table cell, not a crash
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             unavailable = isinstance(e, graphopt.PipelineError) and (
@@ -359,7 +377,9 @@ def main(argv=None) -> None:
         f"{CALIB_LEN} bytes in batches of {CALIB_BATCH}; shared capture {capture_s:.1f} s (not in the optimize "
         f"seconds); whole run {total_s:.0f} s"
         f"{'' if meta.get('fresh') else ' (weights from the cache)'}",
-        "- sparsify rows keep every parameter (masked); channel-pruning rows report the pruned model's parameters")
+        "- sparsify rows keep every parameter (masked); channel-pruning rows report the pruned model's parameters; "
+        "MB counts parameters and buffers (the int4/int8 codes and scales of quantized layers are buffers, so their "
+        "params column shows only what still trains: biases, norms, embeddings, the LM head)")
     report = f"{head}\n\n{table(results, dense)}\n\nTargets:\n\n" + "\n".join(summary(results, dense)) + "\n"
     report += plot(results, dense, out) if not wanted else ""
     publish(report, str(out))

@@ -24,16 +24,22 @@ from graphopt.pipeline.metrics import (  # noqa: E402
 )
 from graphopt.pipeline.registry import parse_pipeline, register_pass, registered_passes  # noqa: E402
 from graphopt.pipeline.report import PassRecord, Report  # noqa: E402
+from graphopt.result.hf_quant import load_pretrained  # noqa: E402
 from graphopt.result.saving import LoadError, SaveError, load, save  # noqa: E402
 from graphopt.training.loop import finetune  # noqa: E402
 
 import graphopt.passes  # noqa: E402,F401  (registers the built-in passes)
 
+if "transformers" in __import__("sys").modules:  # from_pretrained can then read graphopt-quantized checkpoints
+    from graphopt.result.hf_quant import register as _register_hf_quantizer
+
+    _register_hf_quantizer()
+
 __all__ = [
     "Context", "ExportError", "ExportReport", "GraphoptError", "GraphoptWarning", "InputError", "Instrument",
     "LoadError", "OptimizeResult", "Pass", "PassError", "PassManager", "PassRecord", "PassResult", "PipelineError",
     "Report", "SaveError", "TraceError", "VerifyError", "count_macs", "count_params", "export_onnx", "finetune",
-    "load", "measure_latency", "model_bytes", "optimize", "paired_latency", "parse_pipeline", "register_pass",
+    "load", "load_pretrained", "measure_latency", "model_bytes", "optimize", "paired_latency", "parse_pipeline", "register_pass",
     "registered_passes", "save", "streamline", "trace",
 ]
 __version__ = "0.1.0"

@@ -142,8 +142,10 @@ def _has(model: nn.Module, name: str) -> bool:
 
 def _update_config(model: nn.Module, deleted: list[tuple[str, int]]) -> None:
     from graphopt.result.hf_config import is_hf_model, sync_sizes_with_config, update_config
+    from graphopt.result.hf_quant import mark_quantized
 
     if is_hf_model(model):
+        mark_quantized(model)  # weight-quantized layers: the quantization_config from_pretrained reads back
         messages = update_config(model, deleted)
         for message in messages:
             warnings.warn(f"to_model: {message}", GraphoptWarning, stacklevel=4)
