@@ -22,6 +22,7 @@ A sparsified weight (the sparsify pass's masks) keeps its zeros: they are the ze
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -31,7 +32,7 @@ import torch.fx as fx
 import graphopt.kernels  # noqa: F401  (registers torch.ops.graphopt.quant_linear)
 from graphopt.analysis.sparsity import weight_masks
 from graphopt.calibration.quantize_weights import METHODS, QuantTarget, quantize_layers
-from graphopt.errors import PipelineError
+from graphopt.errors import GraphoptWarning, PipelineError
 from graphopt.graph.inputs import check_batches
 from graphopt.graph.layers import output_layers
 from graphopt.graph.nodes import (
@@ -115,6 +116,11 @@ class QuantizeWeights(Pass):
             batches = check_batches(ctx.calib_data, ctx.inputs, needed_by=f"{self.name} method=gptq",
                                     pipeline=f"{self.name}:method=gptq")
         targets, skipped = self._targets(gm)
+        if not targets:
+            reasons = sorted({why for why in skipped.values()})
+            warnings.warn(f"{self.name}: no layer was quantized ({len(skipped)} weighted layers, all left in float: "
+                          f"{'; '.join(reasons) or 'the model has no Linear layers'}); see the options layers=, "
+                          "output_layers=true, convs=true", GraphoptWarning, stacklevel=2)
         codes, notes = quantize_layers(gm, targets, self.method, batches, act_order=self.act_order, damp=self.damp,
                                        block_size=self.block_size)
         baked = bake_parametrizations(gm)

@@ -104,13 +104,13 @@ def test_int8_compute_is_close_to_float_compute():
     acts = [n.args[7] for n in _quant_nodes(fast)]
     assert acts == [32, 32]
     want = exact(x)
-    err = float((fast(x) - want).norm() / want.norm())
+    err = float((fast(x) - want).detach().norm() / want.detach().norm())
     assert 0 < err < 0.02  # activations rounded to int8 per block of 32: a small, nonzero difference
 
 
 def test_gptq_pass_beats_rtn_on_calibration_data_and_needs_it():
     model = Mlp().eval()
-    calib = _data()
+    calib = _data(n=8, rows=64)  # 512 rows: more than fc2's 200 inputs, or GPTQ fits the calibration noise
     held = _data(seed=5)[0][0]
     want = model(held)
     errors = {}
@@ -119,7 +119,7 @@ def test_gptq_pass_beats_rtn_on_calibration_data_and_needs_it():
                                 calib[0][0], calib_data=calib)
         errors[method] = float((res.module(held) - want).pow(2).mean())
     assert errors["gptq"] < errors["rtn"]
-    assert "gptq on 128 input rows" in _decisions(res)["fc1"]
+    assert "gptq on 512 input rows" in _decisions(res)["fc1"]
     with pytest.raises(MissingDataError, match="quantize-weights method=gptq needs calibration data"):
         graphopt.optimize(model, "quantize-weights:method=gptq", calib[0][0])
 
@@ -243,5 +243,6 @@ def test_one_by_one_convs_are_quantized_as_an_option():
     back = res.to_model()
     assert type(back[0]).__name__ == "QuantPointwiseConv"
     torch.testing.assert_close(back(x), res.module(x))
-    without = graphopt.optimize(model, "quantize-weights:min_speedup=0", x)
+    with pytest.warns(graphopt.GraphoptWarning, match="no layer was quantized .*1x1 conv .convs=true"):
+        without = graphopt.optimize(model, "quantize-weights:min_speedup=0", x)
     assert not _quant_nodes(without.module) and _decisions(without)["0"].startswith("float: 1x1 conv")
