@@ -89,6 +89,8 @@ class QuantizeWeights(Pass):
     output_layers: bool = False  # also the layers producing the outputs (an LM head, a classifier)
     convs: bool = False  # also 1x1 convs (stride 1, no padding, one group)
     min_speedup: float = 1.0  # lower a layer to the kernel only when predicted this much faster than dense
+    keep_float: int = 0  # keep the k layers whose own quantization hurts the outputs most in float
+    sensitivity_batches: int = 4
     threads: int = 1
     act_group: int | None = None  # activation block (None: from the group; internal to dynamic-quant)
 
@@ -116,6 +118,14 @@ class QuantizeWeights(Pass):
             batches = check_batches(ctx.calib_data, ctx.inputs, needed_by=f"{self.name} method=gptq",
                                     pipeline=f"{self.name}:method=gptq")
         targets, skipped = self._targets(gm)
+        ranking = []
+        if self.keep_float and targets:
+            ranking = _sensitivity(gm, targets, (ctx.calib_data and check_batches(
+                ctx.calib_data, ctx.inputs, needed_by=self.name)) or [ctx.inputs], self.sensitivity_batches)
+            for name, db in ranking[:self.keep_float]:
+                node = next(n for n, t in targets.items() if t.name == name)
+                del targets[node]
+                skipped[name.rpartition(".")[0] or name] = f"float: keep_float (most sensitive, SQNR {db:.1f} dB)"
         if not targets:
             reasons = sorted({why for why in skipped.values()})
             warnings.warn(f"{self.name}: no layer was quantized ({len(skipped)} weighted layers, all left in float: "
@@ -150,7 +160,8 @@ class QuantizeWeights(Pass):
         decisions.update(skipped)
         stats = {"quantized": len(targets), "lowered": lowered, "kept_float": len(targets) - lowered,
                  "weight_bytes_before": float_bytes, "weight_bytes_after": kernel_bytes, "method": self.method,
-                 "baked_parametrizations": baked}
+                 "baked_parametrizations": baked,
+                 "sensitivity": [(name, round(db, 2)) for name, db in ranking]}
         return PassResult(gm, modified=bool(targets), stats=stats, decisions=decisions)
 
     def _targets(self, gm: fx.GraphModule) -> tuple[dict[fx.Node, QuantTarget], dict[str, str]]:
@@ -248,6 +259,27 @@ class DynamicQuant(QuantizeWeights):
             raise PipelineError("dynamic-quant: weights are int8 per output channel with int8 activations per "
                                 "token; for other grids use quantize-weights:bits=...,group_size=...")
         super().__post_init__()
+
+
+def _sensitivity(gm: fx.GraphModule, targets: dict, batches: list, limit: int) -> list[tuple[str, float]]:
+    """[(weight name, output SQNR in dB with only that layer round-to-nearest quantized)], lowest first."""
+    from graphopt.calibration.gptq import rtn
+    from graphopt.calibration.layer_io import write_dense_weight
+    from graphopt.quant.sensitivity import run_outputs, sqnr_db
+
+    batches = list(batches)[:max(1, limit)]
+    reference = run_outputs(gm, batches)
+    ranking = []
+    with torch.no_grad():
+        for target in targets.values():
+            stored = resolve(gm, target.name)
+            original = stored.detach().clone()
+            matrix = original.t() if target.transposed else original.reshape(original.shape[0], -1)
+            value = rtn(matrix, target.bits, target.group_size, target.symmetric, target.keep).dequantize()
+            write_dense_weight(gm, target.name, value.t() if target.transposed else value.reshape(original.shape))
+            ranking.append((target.name, sqnr_db(reference, run_outputs(gm, batches))))
+            write_dense_weight(gm, target.name, original)
+    return sorted(ranking, key=lambda item: item[1])
 
 
 def _keep_matrix(mask: torch.Tensor, transposed: bool) -> torch.Tensor:

@@ -163,6 +163,18 @@ def test_layer_choice_and_per_layer_grids():
     assert len(_quant_nodes(res.module)) == 1 and _decisions(res)["fc1"] == "float: not matched by layers"
 
 
+def test_keep_float_leaves_the_most_sensitive_layer_in_float():
+    model, x = Mlp().eval(), _data()[0][0]
+    with torch.no_grad():
+        model.fc2.weight[:, :3] *= 40  # a few outlier inputs: int4 groups around them lose all precision
+    res = graphopt.optimize(model, "quantize-weights:bits=4,group_size=32,keep_float=1,min_speedup=0", x,
+                            calib_data=_data(n=2))
+    ranking = res.report.records[-1].stats["sensitivity"]
+    assert [name for name, _ in ranking] == ["fc2.weight", "fc1.weight"] and ranking[0][1] < ranking[1][1]
+    assert _decisions(res)["fc2"].startswith("float: keep_float (most sensitive, SQNR")
+    assert len(_quant_nodes(res.module)) == 1 and torch.equal(res.module.fc2.weight, model.fc2.weight)
+
+
 @pytest.mark.parametrize("spec,message", [
     ("quantize-weights:bits=3", "bits must be 4 or 8"),
     ("quantize-weights:group_size=48", "group_size must be a positive multiple of 32"),
