@@ -32,8 +32,9 @@ import torch.nn as nn
 from torch.export import Dim
 
 import graphopt.export.qdq_int8  # noqa: F401  (registers the QDQ int8 format)
-from graphopt.errors import GraphoptError, GraphoptWarning, InputError
-from graphopt.export.formats import format_for
+import graphopt.export.weight_quant  # noqa: F401  (registers the weight-quantized int4/int8 format)
+from graphopt.errors import GraphoptWarning, InputError
+from graphopt.export.formats import ExportError, format_for
 from graphopt.graph.module import GraphoptModule
 from graphopt.graph.inputs import ExampleInputs
 from graphopt.export.onnx_io import (
@@ -44,8 +45,7 @@ from graphopt.export.onnx_verify import verify_file
 Exporter = Literal["dynamo", "legacy"]
 
 
-class ExportError(GraphoptError):
-    """The ONNX exporter, ``onnx.checker`` or the file system refused the model; the message says what to try."""
+__all__ = ["ExportError", "ExportReport", "export_onnx"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,7 @@ class ExportReport:
     sqnr_db: float | None = None  # quantized formats: onnxruntime vs torch over every verified batch (the lowest)
     top1_agreement: float | None = None  # quantized formats: share of rows whose argmax agrees (class outputs)
     integer_kernels: int | None = None  # quantized formats: integer kernels onnxruntime runs (its optimized graph)
+    quantized_matmuls: int = 0  # weight-quantized MatMuls written (MatMulNBits, DynamicQuantizeMatMul)
 
     @property
     def nodes(self) -> int:
@@ -88,9 +89,10 @@ class ExportReport:
             f"outputs:    {', '.join(self.output_names)}",
         ]
         if self.format != "float":
-            lines.append(f"format:     {self.format}, {self.int8_weights} int8 weights, {self.quantize_nodes} "
-                         "QuantizeLinear" + ("" if self.integer_kernels is None
-                                             else f"; onnxruntime runs {self.integer_kernels} integer kernels"))
+            parts = [f"{self.quantized_matmuls} weight-quantized MatMuls"] if self.quantized_matmuls else [
+                f"{self.int8_weights} int8 weights", f"{self.quantize_nodes} QuantizeLinear"]
+            runs = "" if self.integer_kernels is None else f"; onnxruntime runs {self.integer_kernels} integer kernels"
+            lines.append(f"format:     {self.format}, {', '.join(parts)}{runs}")
         if self.max_abs_error is None:
             lines.append("verified:   no")
         else:
@@ -135,8 +137,13 @@ def export_onnx(
     path = os.fspath(path)
     _check_writable(path)
     fmt = format_for(module)
-    module = _in_eval_mode(fmt.prepare(module))
-    flat = FlatIO(module, ExampleInputs.of(example_inputs))
+    inputs = ExampleInputs.of(example_inputs)
+    # the outputs onnxruntime must reproduce: the prepared copy's, or the caller's module where the copy only
+    # exists so that the exporter writes plain matmuls (weight-quant: the caller's module runs the quant ops)
+    original = _in_eval_mode(module) if fmt.verify_against == "original" else None
+    module = _in_eval_mode(fmt.prepare(module if original is None else original))
+    flat = FlatIO(module, inputs)
+    truth = flat if original is None else FlatIO(original, inputs)
     batched = flat.batched_inputs() if dynamic_batch else [False] * len(flat.tensors)
     proto = _export(flat, batched, opset, exporter, type(module).__name__)
     strip_initializer_prefix(proto, FlatIO.PREFIX)
@@ -145,7 +152,7 @@ def export_onnx(
     nodes_simplified = None
     if simplify:
         proto, nodes_simplified = _simplify(proto)
-    stats = fmt.rewrite(proto)
+    stats = fmt.rewrite(proto, module)
     if stats:
         _check(proto)
     _save(proto, path)
@@ -153,7 +160,7 @@ def export_onnx(
     verified: tuple[int, ...] = ()
     quality: dict = {}
     if verify:
-        errors, verified, quality = verify_file(path, flat, batched, fmt.check, rtol, atol, min_sqnr)
+        errors, verified, quality = verify_file(path, flat, batched, fmt.check, rtol, atol, min_sqnr, truth)
     return ExportReport(
         path=path, exporter=exporter, opset=_opset(proto), input_names=tuple(flat.input_names),
         output_names=tuple(flat.output_names), dynamic_batch=any(batched), nodes_exported=nodes_exported,
@@ -161,7 +168,7 @@ def export_onnx(
         max_abs_error=errors[0], max_rel_error=errors[1], verified_batches=verified,
         seconds=time.perf_counter() - start, format=fmt.name,
         quantize_nodes=sum(n.op_type == "QuantizeLinear" for n in proto.graph.node),
-        int8_weights=stats.get("int8_weights", 0), **quality,
+        int8_weights=stats.get("int8_weights", 0), quantized_matmuls=stats.get("quantized_matmuls", 0), **quality,
     )
 
 

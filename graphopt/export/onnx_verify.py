@@ -194,15 +194,17 @@ def integer_kernel_count(path: str) -> int:
 
 
 def verify_file(path: str, flat, batched: Sequence[bool], check: str, rtol: float, atol: float,
-                min_sqnr: float | None):
+                min_sqnr: float | None, truth=None):
     """Run the written file in onnxruntime on the example batch and, if dynamic, on batch + 1 (``flat``: the
-    exporter's FlatIO); judge it as the format says: ``check`` "elementwise", or "sqnr" (SQNR, top-1 agreement,
-    and the integer kernels onnxruntime runs). Returns ((max abs, max rel), batch sizes, quantized figures)."""
-    batches = [(flat.tensors, flat.reference)]
+    exporter's FlatIO; ``truth``: the FlatIO whose outputs onnxruntime must reproduce, ``flat`` by default);
+    judge it as the format says: ``check`` "elementwise", or "sqnr" (SQNR, top-1 agreement, and the integer
+    kernels onnxruntime runs). Returns ((max abs, max rel), batch sizes, quantized figures)."""
+    truth = flat if truth is None else truth
+    batches = [(flat.tensors, truth.reference)]
     if any(batched):
         size = next(t.shape[0] for t, b in zip(flat.tensors, batched) if b)
         extra = other_batch(flat.tensors, batched, size + 1)
-        batches.append((extra, flat.call(extra)))
+        batches.append((extra, truth.call(extra)))
     session = ort_session(path)
     try:
         worst_abs = worst_rel = 0.0

@@ -38,7 +38,7 @@ def _prepare(module: torch.nn.Module) -> torch.nn.Module:
     return convert(module)  # a copy in eval mode with simulated BN folds folded; the module itself is untouched
 
 
-def _rewrite(proto) -> dict:
+def _rewrite(proto, prepared: torch.nn.Module) -> dict:
     return {"int8_weights": store_int8_weights(proto)}
 
 
