@@ -86,3 +86,18 @@ def test_gpt2_conv1d_layers_are_quantized_and_the_tied_head_stays_float():
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=_ids()).logits, res.module(input_ids=_ids()).logits)
         assert back.generate(_ids(), max_new_tokens=3, do_sample=False).shape == (1, 15)
+
+
+def test_the_command_line_quantizes_calibrates_and_exports_a_llama(tmp_path):
+    from graphopt.cli.entry import main
+
+    code = main(["optimize", "graphopt.examples:tiny_llama", "--input-shape", "1,12", "--input-dtype", "int64",
+                 "--passes", "quantize-weights:bits=4,group_size=32,method=gptq,min_speedup=0", "--calib", "random:2",
+                 "--out", str(tmp_path)])
+    assert code == 0
+    import onnx
+
+    proto = onnx.load(str(tmp_path / "model.onnx"))
+    assert sum(n.op_type == "MatMulNBits" for n in proto.graph.node) == 14
+    report = (tmp_path / "report.md").read_text()
+    assert "int4 g32 gptq" in report

@@ -103,13 +103,22 @@ def calibration_batches(spec: str | None, example: tuple[torch.Tensor, ...], bat
         if n <= 0:
             raise InputError(f"bad --calib '{spec}': expected random:N with N > 0, or a torch.save file of inputs")
         gen = torch.Generator().manual_seed(1)
-        return [tuple(torch.randn(t.shape, generator=gen).to(t.dtype) for t in example) for _ in range(n)]
+        return [tuple(_random_like(t, gen) for t in example) for _ in range(n)]
     data = read_tensors(spec, "--calib")
     if not isinstance(data, torch.Tensor):
         raise InputError(f"--calib file '{spec}' must hold one tensor of inputs (N, ...), got {type(data).__name__}")
     if data.dim() == 0 or not len(data):  # no batches: the passes would say calib_data is empty
         raise InputError(f"--calib file '{spec}' holds no inputs: expected a tensor (N, ...) with N > 0")
     return [(data[i:i + batch],) for i in range(0, len(data), batch)]
+
+
+def _random_like(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random values shaped like ``t``: normal floats; integers (token ids, masks) within ``t``'s own range, so
+    an embedding never sees an index it does not have."""
+    if t.is_floating_point():
+        return torch.randn(t.shape, generator=gen).to(t.dtype)
+    low, high = (int(t.min()), int(t.max())) if t.numel() else (0, 1)
+    return torch.randint(low, high + 1, t.shape, generator=gen).to(t.dtype)
 
 
 def finetune_data(path: str) -> tuple[torch.Tensor, torch.Tensor]:
