@@ -93,7 +93,7 @@ def test_quantized_exports_are_judged_by_sqnr_and_top1_not_elementwise(resnet, t
 
 def test_a_quantized_export_below_min_sqnr_is_a_verify_error_with_what_to_do(resnet, tmp_path):
     case, gm = resnet
-    with pytest.raises(graphopt.VerifyError, match=r"follows the torch fake-quant graph at only [\d.]+ dB SQNR at "
+    with pytest.raises(graphopt.VerifyError, match=r"follows torch at only [\d.]+ dB SQNR at "
                                                    r"batch 2 \(min_sqnr=200 dB\).*reduce_range=true"):
         graphopt.export_onnx(gm, case.example_inputs, tmp_path / "q.onnx", min_sqnr=200)
 

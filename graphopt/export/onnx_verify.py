@@ -150,10 +150,12 @@ def raise_if_noisy(sqnr: float, batch: int, min_sqnr: float) -> None:
     """A VerifyError when onnxruntime's quantized kernels drift from the torch simulation by more than allowed."""
     if sqnr < min_sqnr:
         raise VerifyError(
-            f"onnxruntime's int8 result follows the torch fake-quant graph at only {sqnr:.1f} dB SQNR at batch {batch} "
-            f"(min_sqnr={min_sqnr:g} dB): its integer kernels compute something else than the simulation. On an x86 "
-            "CPU without VNNI, quantize with fake-quant:reduce_range=true; otherwise retry with simplify=False, or "
-            "lower min_sqnr if the drift is expected"
+            f"onnxruntime's quantized result follows torch at only {sqnr:.1f} dB SQNR at batch {batch} "
+            f"(min_sqnr={min_sqnr:g} dB): its integer kernels compute something else than torch. A fake-quant graph "
+            "on an x86 CPU without VNNI: quantize with fake-quant:reduce_range=true; a dynamic-quant model: "
+            "onnxruntime quantizes activations per tensor (graphopt per token), which outlier activations make "
+            "noisy: use quantize-weights:bits=8 instead; otherwise retry with simplify=False, or lower min_sqnr if "
+            "the drift is expected"
         )
 
 
