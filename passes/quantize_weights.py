@@ -17,6 +17,8 @@ Lowering rule (as lower-sparse): a layer whose kernel is predicted slower than d
 sees on the example inputs (kernels/quant_cost.py; tiny layers, where the call overhead dominates) keeps a float
 weight holding exactly the dequantized values, so the model's numbers are the same either way; ``min_speedup=0``
 lowers every layer. Layers whose weight is also read elsewhere (a tied embedding / LM head) stay float.
+``embeddings=true`` also packs embedding tables (round-to-nearest; ``graphopt::quant_embedding`` dequantizes the
+rows a lookup reads), for memory rather than speed.
 A sparsified weight (the sparsify pass's masks) keeps its zeros: they are the zero point, exactly 0.
 """
 
@@ -34,7 +36,7 @@ from graphopt.analysis.sparsity import weight_masks
 from graphopt.calibration.quantize_weights import METHODS, QuantTarget, quantize_layers
 from graphopt.errors import GraphoptWarning, PipelineError
 from graphopt.graph.inputs import check_batches
-from graphopt.graph.layers import output_layers
+from graphopt.graph.layers import is_shared, output_layers
 from graphopt.graph.nodes import (
     free_attr_name, is_op, owner_and_leaf, remove_dead_nodes, remove_unused_attrs, resolve,
 )
@@ -88,6 +90,7 @@ class QuantizeWeights(Pass):
     group_size_for: tuple = ()  # ((name pattern, group size), ...)
     output_layers: bool = False  # also the layers producing the outputs (an LM head, a classifier)
     convs: bool = False  # also 1x1 convs (stride 1, no padding, one group)
+    embeddings: bool = False  # also embedding tables (memory: a lookup dequantizes the rows it reads)
     min_speedup: float = 1.0  # lower a layer to the kernel only when predicted this much faster than dense
     keep_float: int = 0  # keep the k layers whose own quantization hurts the outputs most in float
     sensitivity_batches: int = 4
@@ -131,38 +134,72 @@ class QuantizeWeights(Pass):
             warnings.warn(f"{self.name}: no layer was quantized ({len(skipped)} weighted layers, all left in float: "
                           f"{'; '.join(reasons) or 'the model has no Linear layers'}); see the options layers=, "
                           "output_layers=true, convs=true", GraphoptWarning, stacklevel=2)
+        tables = self._embedding_targets(gm, skipped) if self.embeddings else {}
+        table_codes, _ = quantize_layers(gm, tables, "rtn")  # first: GPTQ then calibrates on the quantized tables
         codes, notes = quantize_layers(gm, targets, self.method, batches, act_order=self.act_order, damp=self.damp,
                                        block_size=self.block_size)
         baked = bake_parametrizations(gm)
+        decisions, stats = self._lower(gm, targets, codes, notes)
+        for node, target in tables.items():
+            layer = target.name.rpartition(".")[0] or target.name
+            q = table_codes[target.name]
+            packed = pack_quantized(q.codes, q.scales, None if target.symmetric else q.zeros, target.bits,
+                                    target.group_size, layer=layer)
+            _replace_embedding(gm, node, layer, packed)
+            stats["weight_bytes_before"] += 4 * packed.in_features * packed.out_features
+            stats["weight_bytes_after"] += packed.nbytes()
+            decisions[layer] = f"{_grid(target)} rtn; packed table (rows dequantized as looked up)"
+        if stats["lowered"] or tables:
+            remove_dead_nodes(gm)
+            remove_unused_attrs(gm)
+        decisions.update({k: v for k, v in skipped.items() if k not in decisions})
+        stats.update(method=self.method, baked_parametrizations=baked, embeddings=len(tables),
+                     sensitivity=[(name, round(db, 2)) for name, db in ranking])
+        return PassResult(gm, modified=bool(targets or tables), stats=stats, decisions=decisions)
+
+    def _lower(self, gm: fx.GraphModule, targets: dict, codes: dict, notes: dict) -> tuple[dict, dict]:
+        """Pack every quantized layer and swap in the kernel where it is predicted faster; (decisions, stats)."""
         decisions, kernel_bytes, float_bytes, lowered = {}, 0, 0, 0
         for node, target in targets.items():
             layer = target.name.rpartition(".")[0] or target.name
             q = codes[target.name]
             packed = pack_quantized(q.codes, q.scales, None if target.symmetric else q.zeros, target.bits,
                                     target.group_size, layer=layer)
-            grid = f"int{target.bits} " + ("per-channel" if target.group_size is None else f"g{target.group_size}")
             float_bytes += 4 * packed.in_features * packed.out_features
             x = node.args[1] if is_op(node, aten.addmm) else node.args[0]
             cost = predict(packed.out_features, packed.in_features, rows_per_call(x, is_op(node, aten.conv2d), 1),
                            target.bits, packed.group_size)
             if self.min_speedup and cost.speedup < self.min_speedup:
-                decisions[layer] = (f"{grid} {notes[target.name]}; float weight (kernel predicted "
+                decisions[layer] = (f"{_grid(target)} {notes[target.name]}; float weight (kernel predicted "
                                     f"{cost.speedup:.2f}x of dense)")
                 kernel_bytes += 4 * packed.in_features * packed.out_features
                 continue
             self._replace(gm, node, layer, packed)
             kernel_bytes += packed.nbytes()
             lowered += 1
-            decisions[layer] = f"{grid} {notes[target.name]}; kernel"
-        if lowered:
-            remove_dead_nodes(gm)
-            remove_unused_attrs(gm)
-        decisions.update(skipped)
+            decisions[layer] = f"{_grid(target)} {notes[target.name]}; kernel"
         stats = {"quantized": len(targets), "lowered": lowered, "kept_float": len(targets) - lowered,
-                 "weight_bytes_before": float_bytes, "weight_bytes_after": kernel_bytes, "method": self.method,
-                 "baked_parametrizations": baked,
-                 "sensitivity": [(name, round(db, 2)) for name, db in ranking]}
-        return PassResult(gm, modified=bool(targets), stats=stats, decisions=decisions)
+                 "weight_bytes_before": float_bytes, "weight_bytes_after": kernel_bytes}
+        return decisions, stats
+
+    def _embedding_targets(self, gm: fx.GraphModule, skipped: dict) -> dict[fx.Node, QuantTarget]:
+        """``aten.embedding`` tables read by nothing else (a table tied to an LM head stays float)."""
+        tables = {}
+        for node in gm.graph.find_nodes(op="call_function", target=aten.embedding.default):
+            attr = node.args[0]
+            if not (isinstance(attr, fx.Node) and attr.op == "get_attr"):
+                continue
+            layer = attr.target.rpartition(".")[0] or attr.target
+            if is_shared(attr):
+                skipped[layer] = "float: embedding table also read by other ops (tied to a head)"
+            elif (self.layers and not matches_any(layer, self.layers)) or matches_any(layer, self.ignore):
+                skipped[layer] = "float: ignored or not matched by layers"
+            else:
+                bits = first_match(layer, self.bits_for, self.bits)
+                group = _group(first_match(layer, self.group_size_for, self.group_size))
+                _check_grid(bits, group, f"{self.name}: layer {layer!r}")
+                tables[node] = QuantTarget(attr.target, False, bits, group, self.symmetric)
+        return tables
 
     def _targets(self, gm: fx.GraphModule) -> tuple[dict[fx.Node, QuantTarget], dict[str, str]]:
         """The layer nodes to quantize with their grids, and {layer: why not} for the others."""
@@ -206,17 +243,7 @@ class QuantizeWeights(Pass):
 
     def _replace(self, gm: fx.GraphModule, node: fx.Node, layer: str, packed) -> None:
         """Swap the layer's op for graphopt::quant_linear on the packed buffers (registered next to its weight)."""
-        names = []
-        for part, tensor in (("qweight", packed.qweight), ("scales", packed.scales), ("zeros", packed.zeros)):
-            qualified = free_attr_name(gm, f"{layer}.quant_{part}")
-            try:
-                owner, leaf = owner_and_leaf(gm, qualified)
-            except AttributeError:
-                owner, leaf = gm, None
-            if owner is gm:
-                qualified = leaf = qualified.replace(".", "_")
-            owner.register_buffer(leaf, tensor)
-            names.append(qualified)
+        names = _register_packed(gm, layer, packed)
         conv = is_op(node, aten.conv2d)
         if is_op(node, aten.addmm):
             bias, x = node.args[0], node.args[1]
@@ -280,6 +307,40 @@ def _sensitivity(gm: fx.GraphModule, targets: dict, batches: list, limit: int) -
             ranking.append((target.name, sqnr_db(reference, run_outputs(gm, batches))))
             write_dense_weight(gm, target.name, original)
     return sorted(ranking, key=lambda item: item[1])
+
+
+def _grid(target: QuantTarget) -> str:
+    return f"int{target.bits} " + ("per-channel" if target.group_size is None else f"g{target.group_size}")
+
+
+def _replace_embedding(gm: fx.GraphModule, node: fx.Node, layer: str, packed) -> None:
+    """Swap ``aten.embedding(table, indices)`` for graphopt::quant_embedding on packed buffers."""
+    names = _register_packed(gm, layer, packed)
+    graph = gm.graph
+    with graph.inserting_before(node):
+        attrs = [graph.get_attr(n) for n in names]
+        y = graph.call_function(torch.ops.graphopt.quant_embedding.default,
+                                (node.args[1], *attrs, packed.bits, packed.group_size, packed.out_features,
+                                 packed.in_features))
+    y.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+    node.replace_all_uses_with(y)
+    graph.erase_node(node)
+
+
+def _register_packed(gm: fx.GraphModule, layer: str, packed) -> list[str]:
+    """Register qweight/scales/zeros as buffers next to the layer's weight; their qualified names."""
+    names = []
+    for part, tensor in (("qweight", packed.qweight), ("scales", packed.scales), ("zeros", packed.zeros)):
+        qualified = free_attr_name(gm, f"{layer}.quant_{part}")
+        try:
+            owner, leaf = owner_and_leaf(gm, qualified)
+        except AttributeError:
+            owner, leaf = gm, None
+        if owner is gm:
+            qualified = leaf = qualified.replace(".", "_")
+        owner.register_buffer(leaf, tensor)
+        names.append(qualified)
+    return names
 
 
 def _keep_matrix(mask: torch.Tensor, transposed: bool) -> torch.Tensor:

@@ -101,3 +101,27 @@ def test_the_command_line_quantizes_calibrates_and_exports_a_llama(tmp_path):
     assert sum(n.op_type == "MatMulNBits" for n in proto.graph.node) == 14
     report = (tmp_path / "report.md").read_text()
     assert "int4 g32 gptq" in report
+
+
+def test_embedding_tables_pack_write_back_and_reload(tmp_path):
+    model = _llama()
+    res = graphopt.optimize(model, "quantize-weights:bits=4,group_size=32,embeddings=true,min_speedup=0",
+                            {"input_ids": _ids()})
+    assert "packed table" in res.report.records[-1].decisions["model.embed_tokens"]
+    back = res.to_model()
+    table = back.model.embed_tokens
+    assert type(table).__name__ == "QuantEmbedding"
+    ids = _ids()
+    from graphopt.calibration.gptq import rtn
+
+    want_rows = rtn(model.model.embed_tokens.weight.detach(), 4, 32).dequantize()[ids]
+    torch.testing.assert_close(table(ids), want_rows)
+    assert graphopt.model_bytes(table) < model.model.embed_tokens.weight.numel() * 4 / 6
+    with torch.no_grad():
+        want = res.module(input_ids=ids).logits
+        torch.testing.assert_close(back(input_ids=ids).logits, want)
+    back.save_pretrained(tmp_path)
+    again = transformers.LlamaForCausalLM.from_pretrained(tmp_path)
+    assert type(again.model.embed_tokens).__name__ == "QuantEmbedding"
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, want)

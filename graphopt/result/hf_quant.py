@@ -2,7 +2,7 @@
 
 The checkpoint format: every quantized layer ``<path>`` (a ``QuantLinear`` / ``QuantPointwiseConv``) stores its
 packed tensors ``<path>.qweight`` (uint8), ``<path>.scales`` (float32), ``<path>.zeros`` (uint8; empty when
-symmetric) and ``<path>.bias`` (graphopt/kernels/quant_format.py has the layout), and ``config.json`` gets a
+symmetric) and ``<path>.bias`` (a packed embedding table, ``QuantEmbedding``, the same but no bias) (graphopt/kernels/quant_format.py has the layout), and ``config.json`` gets a
 ``quantization_config`` with ``quant_method: "graphopt"``, a format version, and per layer its bits, group size,
 activation block, in/out features and module kind. Everything else is the model's own.
 
@@ -31,10 +31,15 @@ __all__ = ["FORMAT_VERSION", "describe", "load_pretrained", "mark_quantized", "r
 def describe(model: nn.Module) -> dict[str, dict]:
     """{layer path: its settings} of every graphopt quantized module in ``model``."""
     from graphopt.kernels.modules import QuantLinear, QuantPointwiseConv
+    from graphopt.kernels.quant_embedding import QuantEmbedding
 
     layers = {}
     for path, module in model.named_modules():
-        if isinstance(module, QuantLinear):
+        if isinstance(module, QuantEmbedding):
+            layers[path] = dict(kind="embedding", bits=module.bits, group_size=module.group_size,
+                                in_features=module.embedding_dim, out_features=module.num_embeddings,
+                                symmetric=module.zeros.numel() == 0)
+        elif isinstance(module, QuantLinear):
             layers[path] = dict(kind="conv1x1" if isinstance(module, QuantPointwiseConv) else "linear",
                                 bits=module.bits, group_size=module.group_size, act_group=module.act_group,
                                 in_features=module.in_features, out_features=module.out_features,
@@ -68,6 +73,10 @@ def _shell(settings: dict) -> nn.Module:
     scales = torch.zeros(tiles, kp // g, TILE)
     zeros = (torch.zeros(0, dtype=torch.uint8) if settings["symmetric"]
              else torch.zeros(tiles, kp // g, TILE, dtype=torch.uint8))
+    if settings["kind"] == "embedding":
+        from graphopt.kernels.quant_embedding import QuantEmbedding
+
+        return QuantEmbedding(qweight, scales, zeros, settings["bits"], g, n, k)
     bias = torch.zeros(n) if settings["bias"] else None
     cls = QuantPointwiseConv if settings["kind"] == "conv1x1" else QuantLinear
     return cls(qweight, scales, zeros, bias, settings["bits"], g, settings["act_group"], k, n,

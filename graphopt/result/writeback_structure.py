@@ -9,7 +9,8 @@
 - sparsity masks: the same ``WeightMask`` parametrization on the model's weight;
 - lowered sparse layers (``graphopt::sparse_linear``): ``graphopt.kernels.modules.SparseLinear``;
 - weight-quantized layers (``graphopt::quant_linear``): ``graphopt.kernels.modules.QuantLinear`` (a Linear or
-  HF Conv1D) or ``QuantPointwiseConv`` (a 1x1 Conv2d), holding the packed codes as buffers.
+  HF Conv1D) or ``QuantPointwiseConv`` (a 1x1 Conv2d), holding the packed codes as buffers; packed embedding
+  tables (``graphopt::quant_embedding``): ``QuantEmbedding``.
 
 Names: the graph reads tensors by the original qualified names; ``rename`` maps the few that move (a low-rank
 bias, packed sparse buffers) to their place in the edited model. Deletions from lists come last, after the
@@ -70,6 +71,7 @@ def apply_structure(model: nn.Module, gm: fx.GraphModule, snap, inputs: ExampleI
     rename.update(_low_rank(model, gm))
     rename.update(_sparse_kernels(model, gm))
     rename.update(_quant_kernels(model, gm))
+    rename.update(_quant_tables(model, gm))
     _masks(model, gm)
     _removed_branches(model, gm, inputs)
     _folded_norms(model, gm, snap)
@@ -177,6 +179,23 @@ def _quant_kernels(model: nn.Module, gm: fx.GraphModule) -> dict[str, str]:
             rename[arg.target] = f"{path}.{part}"
         if isinstance(bias, fx.Node):
             rename[bias.target] = f"{path}.bias"
+    return rename
+
+
+def _quant_tables(model: nn.Module, gm: fx.GraphModule) -> dict[str, str]:
+    """Embedding tables packed by quantize-weights (``graphopt::quant_embedding``) become QuantEmbedding modules."""
+    from graphopt.kernels.quant_embedding import QuantEmbedding
+
+    rename = {}
+    for node in gm.graph.find_nodes(op="call_function", target=torch.ops.graphopt.quant_embedding.default):
+        _, qweight, scales, zeros, *settings = node.args
+        path = qweight.target.rpartition(".")[0]
+        if not isinstance(_module(model, path) if path else None, nn.Embedding):
+            raise WritebackError(f"to_model(): the packed table `{node.name}` has no nn.Embedding of the model to "
+                                 "stand in for; use result.module")
+        _replace(model, path, QuantEmbedding(*(resolve(gm, a.target) for a in (qweight, scales, zeros)), *settings))
+        for part, arg in zip(("qweight", "scales", "zeros"), (qweight, scales, zeros)):
+            rename[arg.target] = f"{path}.{part}"
     return rename
 
 
