@@ -151,11 +151,13 @@ def _sparse_kernels(model: nn.Module, gm: fx.GraphModule) -> dict[str, str]:
         bias_value = resolve(gm, bias.target) if isinstance(bias, fx.Node) else None
         cls = SparseLinear if isinstance(old, nn.Linear) else _pointwise_conv_class()
         _replace(model, path, cls(packed, bias_value, threads))
-        for part, arg in zip(("values", "cols", "ptr"), (values, cols, ptr)):
-            rename[arg.target] = f"{path}.{part}"
-        if isinstance(bias, fx.Node):
-            rename[bias.target] = f"{path}.bias"
+        rename.update(_moved_buffers(path, {"values": values, "cols": cols, "ptr": ptr, "bias": bias}))
     return rename
+
+
+def _moved_buffers(path: str, reads: dict) -> dict[str, str]:
+    """{graph name: ``<path>.<part>``} for the tensors a kernel node reads (part -> its get_attr node or None)."""
+    return {node.target: f"{path}.{part}" for part, node in reads.items() if isinstance(node, fx.Node)}
 
 
 def _quant_kernels(model: nn.Module, gm: fx.GraphModule) -> dict[str, str]:
@@ -175,10 +177,7 @@ def _quant_kernels(model: nn.Module, gm: fx.GraphModule) -> dict[str, str]:
         bias_value = resolve(gm, bias.target) if isinstance(bias, fx.Node) else None
         cls = QuantLinear if linear else QuantPointwiseConv
         _replace(model, path, cls(*tensors, bias_value, *settings))
-        for part, arg in zip(("qweight", "scales", "zeros"), (qweight, scales, zeros)):
-            rename[arg.target] = f"{path}.{part}"
-        if isinstance(bias, fx.Node):
-            rename[bias.target] = f"{path}.bias"
+        rename.update(_moved_buffers(path, {"qweight": qweight, "scales": scales, "zeros": zeros, "bias": bias}))
     return rename
 
 
@@ -194,8 +193,7 @@ def _quant_tables(model: nn.Module, gm: fx.GraphModule) -> dict[str, str]:
             raise WritebackError(f"to_model(): the packed table `{node.name}` has no nn.Embedding of the model to "
                                  "stand in for; use result.module")
         _replace(model, path, QuantEmbedding(*(resolve(gm, a.target) for a in (qweight, scales, zeros)), *settings))
-        for part, arg in zip(("qweight", "scales", "zeros"), (qweight, scales, zeros)):
-            rename[arg.target] = f"{path}.{part}"
+        rename.update(_moved_buffers(path, {"qweight": qweight, "scales": scales, "zeros": zeros}))
     return rename
 
 
