@@ -77,6 +77,9 @@ struct IsaInt {
         for (int r = 0; r < MB; ++r)
             for (int j = 0; j < NA; ++j) a[r][j] = _mm512_setzero_si512();
         const __m512i m4 = _mm512_set1_epi8(0x0F);
+        // int8 GEMVs from DRAM ran ~5% faster at half the distance (the same time ahead as int4's 4 KiB or not,
+        // measured, not derived)
+        const int64_t pf = BITS == 8 ? kPrefetch / 2 : kPrefetch;
         int64_t i = 0;
         for (; i + 4 <= S; i += 4) {
             __m512i s0, s1, s2, s3;
@@ -84,13 +87,13 @@ struct IsaInt {
                 const __m512i c0 = _mm512_loadu_si512(w), c1 = _mm512_loadu_si512(w + 64);
                 s0 = _mm512_and_si512(c0, m4), s1 = _mm512_and_si512(_mm512_srli_epi16(c0, 4), m4);
                 s2 = _mm512_and_si512(c1, m4), s3 = _mm512_and_si512(_mm512_srli_epi16(c1, 4), m4);
-                _mm_prefetch((const char*)w + kPrefetch, QHINT);
-                _mm_prefetch((const char*)w + kPrefetch + 64, QHINT);
+                _mm_prefetch((const char*)w + pf, QHINT);
+                _mm_prefetch((const char*)w + pf + 64, QHINT);
                 w += 128;
             } else {
                 s0 = _mm512_loadu_si512(w), s1 = _mm512_loadu_si512(w + 64);
                 s2 = _mm512_loadu_si512(w + 128), s3 = _mm512_loadu_si512(w + 192);
-                for (int l = 0; l < 4; ++l) _mm_prefetch((const char*)w + kPrefetch + 64 * l, QHINT);
+                for (int l = 0; l < 4; ++l) _mm_prefetch((const char*)w + pf + 64 * l, QHINT);
                 w += 256;
             }
             for (int r = 0; r < MB; ++r) {
