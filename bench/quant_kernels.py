@@ -11,11 +11,13 @@ lives, rounds interleave its passes with passes of every torch contender; cells 
 faster of torch.sum over a buffer larger than the L3 and F.linear fp32's batch-1 GEMV, both 1 thread.
 
     .venv/bin/python bench/quant_kernels.py [--rounds 6] [--size 4096] [--out bench/results/quant_kernels.md]
+    .venv/bin/python bench/quant_kernels.py --no-amx --out bench/results/quant_kernels_vnni.md
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -62,11 +64,13 @@ class Bandwidth:
         self.buf, self.samples = torch.ones(nbytes // 4), []
 
     def sample(self) -> None:
+        """One timed sum."""
         start = time.perf_counter()
         self.buf.sum()
         self.samples.append(self.buf.numel() * 4 / (time.perf_counter() - start))
 
     def median(self) -> float:
+        """Median bytes/s over the samples."""
         return statistics.median(self.samples)
 
 
@@ -88,6 +92,7 @@ class Contender:
 
 
 def copies_for(nbytes: int, budget: int) -> int:
+    """Copies of ``nbytes`` that together exceed ``budget`` (at least 2)."""
     return max(2, -(-budget // nbytes))
 
 
@@ -157,6 +162,7 @@ def ort_model(name: str, codes: torch.Tensor, scales: torch.Tensor, ck: int, bit
 
 
 def ort_session(model):
+    """A 1-thread CPU session of ``model``."""
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
@@ -164,6 +170,7 @@ def ort_session(model):
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """||y - ref|| / ||ref||."""
     return float((y - ref).norm() / ref.norm())
 
 
@@ -214,6 +221,7 @@ def measure(args, bandwidth: Bandwidth) -> tuple[dict, dict, dict, list[str]]:
 
 
 def report(args, medians, nbytes, errors, notes, summed: float) -> str:
+    """The markdown report: setup lines, a table per batch, the targets."""
     import onnxruntime as ort
     lib = build.library()
     n = k = args.size
@@ -225,7 +233,7 @@ def report(args, medians, nbytes, errors, notes, summed: float) -> str:
     amx = bool(lib and lib.quant_use_amx(-1))
     lines = [provenance(f"Weight-only int4/int8 kernels vs F.linear fp32 and onnxruntime ({n}x{k}, 1 thread)",
                         f"- graphopt kernels: {lib.isa if lib else 'torch reference (no library)'}"
-                        f"{'; batches >= 4 (>= 9 for 32-input blocks) on AMX tiles' if amx else ''}; "
+                        f"{'; batches >= 4 (>= 9 for 32-input blocks) on AMX tiles' if amx else '; AMX off'}; "
                         f"onnxruntime {ort.__version__}; L3 {l3_bytes() >> 20} MiB, copies total >= 1.25x of it",
                         f"- DRAM read bandwidth, 1 thread: torch.sum over {int(1.25 * l3_bytes()) >> 20} MiB "
                         f"(one sample per round and batch) {summed / 1e9:.1f} GB/s, F.linear fp32 batch 1 "
@@ -253,6 +261,7 @@ def report(args, medians, nbytes, errors, notes, summed: float) -> str:
 
 
 def targets(medians, matching) -> list[str]:
+    """One line per target of the issue: met or MISSED, with the figure."""
     out = []
 
     def check(ok: bool, text: str):
@@ -272,14 +281,23 @@ def targets(medians, matching) -> list[str]:
 
 
 def main(argv=None) -> None:
+    """Measure, print and write the report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6, help="rounds per onnxruntime session (4 sessions)")
     parser.add_argument("--size", type=int, default=4096, help="in = out features")
     parser.add_argument("--out", default="bench/results/quant_kernels.md")
+    parser.add_argument("--no-amx", action="store_true",
+                        help="batches on AVX-512 VNNI even where AMX is there (what a CPU without AMX runs)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    lib = build.library()
+    if args.no_amx and lib is not None:
+        lib.quant_use_amx(0)
+    load_before = os.getloadavg()
     bandwidth = Bandwidth(int(1.25 * l3_bytes()))
     medians, nbytes, errors, notes = measure(args, bandwidth)
+    notes.append("load average (1, 5, 15 min) before / after: " + " / ".join(
+        ", ".join(f"{v:.2f}" for v in load) for load in (load_before, os.getloadavg())) + " on 2 cores")
     publish(report(args, medians, nbytes, errors, notes, bandwidth.median()), args.out)
 
 

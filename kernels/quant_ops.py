@@ -17,7 +17,8 @@ Two torch implementations define the results: ``reference_quant_linear`` (float6
 C kernels must reproduce up to float32 rounding) and the float-compute path. The op runs the C kernels of
 kernels/csrc/quant_linear.cpp (vpdpbusd GEMV/GEMM on AVX-512 VNNI, AVX2 and plain C builds; see build.py) for
 every float input (bf16/fp16 widened to fp32 and rounded back); without the library (no compiler,
-``GRAPHOPT_KERNELS=reference``) or for an ``act_group`` that is not a multiple of 8 it runs the reference.
+``GRAPHOPT_KERNELS=reference``) or for an ``act_group`` that is not a multiple of 8 (or above 66304, where int32
+block sums could overflow) it runs the reference.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ __all__ = ["quant_linear", "quantize_activations", "reference_quant_linear"]
 
 _LIB.define("quant_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? bias, int bits, "
             "int group_size, int act_group, int in_features, int out_features, int threads=1) -> Tensor")
+
+
+# The C kernels' activation blocks: a multiple of 8 inputs, at most this many (int32 block sums: 255 * 127 * n < 2^31)
+_MAX_KERNEL_BLOCK = 66304
 
 
 class QuantKernelError(ValueError):
@@ -129,7 +134,7 @@ def quant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     _check_args(x, qweight, scales, zeros, bias, bits, group_size, act_group, in_features, out_features)
     lib = library()
     rows = x.numel() // in_features if in_features else 0
-    if lib is None or rows == 0 or act_group % 8:
+    if lib is None or rows == 0 or act_group % 8 or act_group > _MAX_KERNEL_BLOCK:
         qw = weight_of(qweight, scales, zeros, bits, group_size, in_features, out_features)
         y = reference_quant_linear(x, qw, bias, act_group)
         return y if x.dtype == torch.float32 else y.to(x.dtype)

@@ -169,6 +169,18 @@ def test_activation_codes_are_identical(kernel):
         assert torch.equal(xsum, ref_q.view(5, -1, act).sum(-1).int())
 
 
+def test_nan_inputs_give_nan_rows(kernel):
+    """A NaN input makes its row NaN, as in the reference (the comparisons of the block maximum skip NaN)."""
+    qw = _weight(1000, 128, 4, True)
+    x = torch.randn(17, 1000)
+    x[3, 500] = float("nan")
+    x[5, 7] = float("nan")
+    for act in (128, 0):
+        y, ref = _call(kernel, x, qw, None, act), reference_quant_linear(x, qw, None, act)
+        assert torch.equal(y.isnan(), ref.isnan()) and y.isnan()[[3, 5]].all() and not y.isnan()[:3].any()
+        _assert_matches(y[:3], ref[:3], f"{kernel.isa} act={act}")
+
+
 def test_threads_agree(kernel):
     qw = _weight(1000, 128, 4, False)
     x = torch.randn(17, 1000)

@@ -34,24 +34,27 @@ static void quantize_rows(const float* x, int64_t M, int64_t K, int64_t Kp, int6
         for (int64_t b = 0; b < nb; ++b) {
             const int64_t lo = b * A, hi = lo + A < K ? lo + A : K;
             float amax = 0.f;
+            bool nan = false;  // comparisons skip NaN: a block holding one gets the scale NaN, as torch's amax does
             int64_t k = lo;
             if (hi - lo >= 16) {  // a vector max (the scalar loop's dependency chain cost ~1 us per 4096 inputs)
                 v16f m = {};
+                v16i bad = {};
                 for (; k + 16 <= hi; k += 16) {
                     v16f v = *(const v16fu*)(xr + k);
+                    bad |= v != v;
                     v = v < 0 ? -v : v;
                     m = v > m ? v : m;
                 }
-                for (int l = 0; l < 16; ++l) amax = m[l] > amax ? m[l] : amax;
+                for (int l = 0; l < 16; ++l) amax = m[l] > amax ? m[l] : amax, nan |= bad[l] != 0;
             }
-            for (; k < hi; ++k) amax = fabsf(xr[k]) > amax ? fabsf(xr[k]) : amax;
+            for (; k < hi; ++k) amax = fabsf(xr[k]) > amax ? fabsf(xr[k]) : amax, nan |= xr[k] != xr[k];
             const float inv = amax > 0.f ? (1.0f / amax) * 127.0f : 0.0f;
-            xs[r * nb + b] = amax / 127.0f;
+            xs[r * nb + b] = nan ? NAN : amax / 127.0f;
             int32_t total = 0;
             int8_t* q = xq + r * Kp;
             for (k = lo; k < hi; ++k) {
                 float c = nearbyintf(xr[k] * inv);
-                c = c < -127.f ? -127.f : (c > 127.f ? 127.f : c);
+                c = c < -127.f ? -127.f : (c > 127.f ? 127.f : (c == c ? c : 0.f));
                 q[k] = (int8_t)c;
                 total += (int32_t)c;
             }
@@ -284,17 +287,20 @@ static void* scratch(size_t bytes) {
     return buf;
 }
 
+// The longest activation block whose int32 sums cannot overflow: 255 * 127 * kMaxBlock < 2^31.
+static const int64_t kMaxBlock = 66304;
+
 extern "C" {
 // y (M x N, row-major) = x (M x K, row-major) W^T + bias for the packed W (see quant_format.py); zeros NULL for
 // symmetric weights, bias may be NULL. act_group 0: float compute; otherwise int8 compute per block of act_group
-// inputs (a multiple of 8 dividing group). Returns 0 on success, 1 bad bits, 2 bad act_group, 3 bad shapes,
+// inputs (a multiple of 8 dividing group, at most kMaxBlock). Returns 0 on success, 1 bad bits, 2 bad act_group, 3 bad shapes,
 // 4 out of memory.
 int graphopt_quant_linear(int bits, const float* x, int64_t M, int64_t K, const uint8_t* qweight, const float* scales,
                           const uint8_t* zeros, const float* bias, float* y, int64_t N, int64_t Kp, int64_t group,
                           int64_t act_group, int threads) {
     if (bits != 4 && bits != 8) return 1;
     if (group <= 0 || Kp % group || Kp < K || Kp % 32 || M < 0 || N < 0) return 3;
-    if (act_group < 0 || (act_group && (act_group % 8 || group % act_group))) return 2;
+    if (act_group < 0 || (act_group && (act_group % 8 || group % act_group || act_group > kMaxBlock))) return 2;
     Problem p = {M, K, N, Kp, group, act_group, qweight, scales, zeros, bias, y, 0, 0, 0, x, K};
     const bool asym = zeros != 0;
     if (act_group) {
