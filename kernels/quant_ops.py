@@ -16,9 +16,10 @@ out_features, threads=1)``; x of any shape (..., in_features), any float dtype (
 Two torch implementations define the results: ``reference_quant_linear`` (float64, exact integer sums: what the
 C kernels must reproduce up to float32 rounding) and the float-compute path. The op runs the C kernels of
 kernels/csrc/quant_linear.cpp (vpdpbusd GEMV/GEMM on AVX-512 VNNI, AMX tiles for int8-compute batches where the
-CPU and kernel allow them, AVX2 and plain C builds; see build.py) for every float input (bf16/fp16 widened to fp32 and rounded back); without the library (no compiler,
-``GRAPHOPT_KERNELS=reference``) or for an ``act_group`` that is not a multiple of 8 (or above 66304, where int32
-block sums could overflow) it runs the reference.
+CPU and kernel allow them, AVX2 and plain C builds; see build.py) for every float input (bf16/fp16 widened to
+fp32 and rounded back); without the library (no compiler, ``GRAPHOPT_KERNELS=reference``) or for an
+``act_group`` that is not a multiple of 8 (or above 66304, where int32 block sums could overflow) it runs the
+reference.
 """
 
 from __future__ import annotations
