@@ -87,7 +87,7 @@ def onnx_row(result, torch_model, prompt: torch.Tensor, threads: int) -> str:
     counts = getattr(report, "integer_kernels", None)
     return (f"- onnxruntime: `graphopt.export_onnx(result.module, ...)` wrote {report.file_bytes / 1e6:.1f} MB "
             f"({getattr(report, 'quantized_matmuls', 'n/a')} weight-quantized MatMuls; onnxruntime runs {counts} "
-            f"integer kernels), verified: SQNR {report.sqnr_db} dB vs torch; one forward over the {PROMPT}-token "
+            f"integer kernels), verified: SQNR {report.sqnr_db:.1f} dB vs torch; one forward over the {PROMPT}-token "
             f"prompt: onnxruntime {statistics.median(ort_ms):.1f} ms, graphopt int4 eager "
             f"{statistics.median(torch_ms):.1f} ms (medians of 7, interleaved)")
 
