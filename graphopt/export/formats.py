@@ -47,7 +47,7 @@ class ExportFormat:
     name: str
     applies: Callable[[nn.Module], bool]
     prepare: Callable[[nn.Module], nn.Module] = _same
-    rewrite: Callable[[object, nn.Module], dict] = _no_rewrite  # (ModelProto, prepared) -> report stats (ints)
+    rewrite: Callable[[object, nn.Module], dict] = _no_rewrite  # (ModelProto, prepared) -> ExportReport fields
     check: Literal["elementwise", "sqnr"] = "elementwise"
     verify_against: Literal["prepared", "original"] = "prepared"
 

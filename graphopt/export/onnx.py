@@ -73,6 +73,8 @@ class ExportReport:
     top1_agreement: float | None = None  # quantized formats: share of rows whose argmax agrees (class outputs)
     integer_kernels: int | None = None  # quantized formats: integer kernels onnxruntime runs (its optimized graph)
     quantized_matmuls: int = 0  # weight-quantized MatMuls written (MatMulNBits, DynamicQuantizeMatMul)
+    quantized_gathers: int = 0  # packed embedding-table lookups written (GatherBlockQuantized)
+    float_tables: tuple[str, ...] = ()  # packed tables written float (onnxruntime cannot take them; folded; warned)
 
     @property
     def nodes(self) -> int:
@@ -89,8 +91,11 @@ class ExportReport:
             f"outputs:    {', '.join(self.output_names)}",
         ]
         if self.format != "float":
-            parts = [f"{self.quantized_matmuls} weight-quantized MatMuls"] if self.quantized_matmuls else [
-                f"{self.int8_weights} int8 weights", f"{self.quantize_nodes} QuantizeLinear"]
+            packed = [f"{self.quantized_matmuls} weight-quantized MatMuls"] if self.quantized_matmuls else []
+            packed += [f"{self.quantized_gathers} quantized Gathers"] if self.quantized_gathers else []
+            packed += [f"{len(self.float_tables)} tables kept float ({', '.join(self.float_tables)})"
+                       ] if self.float_tables else []
+            parts = packed or [f"{self.int8_weights} int8 weights", f"{self.quantize_nodes} QuantizeLinear"]
             runs = "" if self.integer_kernels is None else f"; onnxruntime runs {self.integer_kernels} integer kernels"
             lines.append(f"format:     {self.format}, {', '.join(parts)}{runs}")
         if self.max_abs_error is None:
@@ -168,7 +173,9 @@ def export_onnx(
         max_abs_error=errors[0], max_rel_error=errors[1], verified_batches=verified,
         seconds=time.perf_counter() - start, format=fmt.name,
         quantize_nodes=sum(n.op_type == "QuantizeLinear" for n in proto.graph.node),
-        int8_weights=stats.get("int8_weights", 0), quantized_matmuls=stats.get("quantized_matmuls", 0), **quality,
+        int8_weights=stats.get("int8_weights", 0), quantized_matmuls=stats.get("quantized_matmuls", 0),
+        quantized_gathers=stats.get("quantized_gathers", 0), float_tables=tuple(stats.get("float_tables", ())),
+        **quality,
     )
 
 

@@ -11,6 +11,10 @@ codes, scales and zero points (weight_quant_onnx.py); the float weight leaves th
 than names survives the renaming, transposing and constant folding the exporters and onnxsim do. A layer that ran
 but was not found, or whose float weight is still in the file, is an ExportError: never a silently float file.
 
+Packed embedding tables (``graphopt::quant_embedding`` nodes, ``QuantEmbedding`` modules) go the same way as
+com.microsoft ``GatherBlockQuantized`` (weight_quant_embedding.py): float lookups in the copy, each Gather on a
+recorded table replaced; a table the installed onnxruntime cannot take stays a float Gather, with a warning.
+
 onnxruntime is checked against the caller's module (which computes the quant op, int8 arithmetic included), not
 the float copy, and judged by SQNR like the QDQ format.
 """
@@ -32,6 +36,9 @@ import torch.nn.functional as F
 
 from graphopt.errors import GraphoptWarning, InputError
 from graphopt.export.formats import ExportError, ExportFormat, register_format
+from graphopt.export.weight_quant_embedding import (
+    TablePlan, convert_table_modules, convert_tables_in_graph, holds_quantized_tables, rewrite_gathers, table_problems,
+)
 from graphopt.export.weight_quant_onnx import MS_DOMAIN, LayerOp, LayerTensors, choose_op, dequantized_numpy
 from graphopt.graph.nodes import attr_value, free_attr_name, is_op, owner_and_leaf, remove_unused_attrs, replace_with
 from graphopt.kernels.modules import QuantLinear
@@ -45,10 +52,11 @@ def _is_quant_node(node: fx.Node) -> bool:
 
 
 def holds_quantized_weights(module: nn.Module) -> bool:
-    """True for a module with ``graphopt::quant_linear`` nodes (a GraphModule) or ``QuantLinear`` submodules."""
+    """True for a module with ``graphopt::quant_linear`` / ``graphopt::quant_embedding`` nodes (a GraphModule) or
+    ``QuantLinear`` / ``QuantEmbedding`` submodules."""
     if isinstance(module, fx.GraphModule) and any(_is_quant_node(n) for n in module.graph.nodes):
         return True
-    return any(isinstance(m, QuantLinear) for m in module.modules())
+    return any(isinstance(m, QuantLinear) for m in module.modules()) or holds_quantized_tables(module)
 
 
 @dataclass
@@ -77,6 +85,7 @@ class _Plan:
     def __init__(self):
         self.layers: dict[tuple, _Layer] = {}
         self.shapes: set[tuple] = set()  # (N, K) of every layer: a cheap test before hashing a candidate
+        self.tables = TablePlan()  # the packed embedding tables (weight_quant_embedding.py)
 
     def add(self, name: str, qw: QuantizedWeight, act_group: int, values: np.ndarray, module=None) -> None:
         op = choose_op(name, qw, act_group)
@@ -188,16 +197,19 @@ def _prepare(module: nn.Module) -> nn.Module:
     plan = _Plan()
     prepared = copy.deepcopy(module)
     if isinstance(prepared, fx.GraphModule):
+        convert_tables_in_graph(prepared, plan.tables)  # before _convert_graph, which drops the packed get_attrs
         _convert_graph(prepared, plan)
     _convert_modules(prepared, plan)
+    convert_table_modules(prepared, plan.tables)
     _PLANS[prepared] = plan
     return prepared
 
 
 def _rewrite(proto, prepared: nn.Module) -> dict:
-    """Replace every MatMul/Gemm on a recorded layer's float weight by the layer's integer op (see the module
-    docstring); returns ``{"quantized_matmuls": n}``. ExportError when a layer that ran is missing, or a recorded
-    float weight is still in the file."""
+    """Replace every MatMul/Gemm on a recorded layer's float weight by the layer's integer op, and every Gather on a
+    recorded table by GatherBlockQuantized (see the module docstring); returns ``{"quantized_matmuls": n,
+    "quantized_gathers": m, "float_tables": (tables written float, ...)}``. ExportError when a layer that ran is
+    missing, or a recorded float weight or table is still in the file (bar the tables kept float, warned)."""
     plan = _PLANS.get(prepared)
     if plan is None:
         return {}
@@ -223,11 +235,17 @@ def _rewrite(proto, prepared: nn.Module) -> dict:
         done += 1
     del graph.node[:]
     graph.node.extend(nodes)
+    names = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output}
+    gathers, tables, kept = rewrite_gathers(graph, consts, plan.tables, names)
     _drop_dead_constants(graph)
-    _check_complete(plan, set(built), graph)
+    _check_complete(plan, set(built), graph, tables, kept)
     if not any(o.domain == MS_DOMAIN for o in proto.opset_import):
         proto.opset_import.add(domain=MS_DOMAIN, version=1)
-    return {"quantized_matmuls": done}
+    from onnx import TensorProto
+
+    if any(i.data_type == TensorProto.UINT4 for i in graph.initializer):
+        proto.ir_version = max(proto.ir_version, 10)  # 4-bit tensor types need IR version 10
+    return {"quantized_matmuls": done, "quantized_gathers": gathers, "float_tables": tuple(sorted(kept))}
 
 
 class _Constants:
@@ -315,10 +333,12 @@ def _drop_dead_constants(graph) -> None:
         graph.value_info.remove(info)
 
 
-def _check_complete(plan: _Plan, written: set[str], graph) -> None:
-    """ExportError for a layer that ran but was not written as an integer op, or whose float weight stayed."""
+def _check_complete(plan: _Plan, written: set[str], graph, tables: set[str], kept: dict[str, str]) -> None:
+    """ExportError for a layer that ran but was not written as an integer op, or whose float weight stayed, and for
+    a float table still in the file; ``kept``: tables kept float on purpose (extended by folded lookups)."""
     left = {}
     consts = _Constants(graph)
+    left.update(table_problems(plan.tables, tables, kept, graph, consts))
     for name in consts.protos:
         m = consts.matrix(name, plan.shapes)
         for values in () if m is None else (m, m.T):
@@ -333,8 +353,9 @@ def _check_complete(plan: _Plan, written: set[str], graph) -> None:
         what = "; ".join(f"{name}: {why}" for name, why in sorted(left.items()))
         raise ExportError(
             f"export_onnx could not write {len(left)} weight-quantized layer(s) as onnxruntime integer ops ({what}). "
-            "The exported graph does not multiply by their weights the way a linear does; retry with "
-            "simplify=False, or exporter='legacy', or keep the layer as a float nn.Linear")
+            "The exported graph does not multiply by their weights the way a linear does (or look rows up in a "
+            "table with a Gather); retry with simplify=False, or exporter='legacy', or keep the layer as a float "
+            "nn.Linear (nn.Embedding)")
 
 
 WEIGHT_QUANT = register_format(ExportFormat(
