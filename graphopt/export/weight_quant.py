@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from graphopt.errors import GraphoptWarning, InputError
+from graphopt.export.dequantized_copy import swap_to_dequantized
 from graphopt.export.formats import ExportError, ExportFormat, register_format
 from graphopt.export.weight_quant_embedding import (
     TablePlan, convert_table_modules, convert_tables_in_graph, holds_quantized_tables, rewrite_gathers, table_problems,
@@ -135,16 +136,6 @@ class _Dequantized(QuantLinear):
                 f"group_size={self.group_size}, act_group={self.act_group}, dequantized for export")
 
 
-_DEQUANTIZED_CLASSES: dict[type, type] = {QuantLinear: _Dequantized}
-
-
-def _dequantized_class(cls: type) -> type:
-    if cls not in _DEQUANTIZED_CLASSES:
-        _DEQUANTIZED_CLASSES[cls] = type(f"Dequantized{cls.__name__}", (cls, _Dequantized),
-                                         {"__doc__": f"{cls.__name__} computing on its dequantized weight (export)"})
-    return _DEQUANTIZED_CLASSES[cls]
-
-
 def _convert_modules(root: nn.Module, plan: _Plan) -> None:
     for name, module in root.named_modules():
         if not isinstance(module, QuantLinear):
@@ -152,10 +143,7 @@ def _convert_modules(root: nn.Module, plan: _Plan) -> None:
         qw = module.quantized()
         weight = dequantize(qw)
         plan.add(name or type(module).__name__, qw, module.act_group, dequantized_numpy(weight), module)
-        module.__class__ = _dequantized_class(type(module))
-        for packed in ("qweight", "scales", "zeros"):  # the plan holds them; the float export needs none
-            module._buffers.pop(packed, None)
-        module.register_buffer("dequantized", weight)
+        swap_to_dequantized(module, _Dequantized, weight)
 
 
 def _op_args(node: fx.Node) -> dict:

@@ -43,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from graphopt.errors import GraphoptWarning, InputError
+from graphopt.export.dequantized_copy import swap_to_dequantized
 from graphopt.graph.nodes import attr_value, free_attr_name, is_op, owner_and_leaf, replace_with
 from graphopt.kernels.quant_embedding import QuantEmbedding
 from graphopt.kernels.quant_format import QuantizedWeight, dequantize, unpack_codes
@@ -128,16 +129,6 @@ class _DequantizedEmbedding(QuantEmbedding):
                 "dequantized for export")
 
 
-_DEQUANTIZED_CLASSES: dict[type, type] = {QuantEmbedding: _DequantizedEmbedding}
-
-
-def _dequantized_class(cls: type) -> type:
-    if cls not in _DEQUANTIZED_CLASSES:
-        _DEQUANTIZED_CLASSES[cls] = type(f"Dequantized{cls.__name__}", (cls, _DequantizedEmbedding),
-                                         {"__doc__": f"{cls.__name__} looking up its dequantized table (export)"})
-    return _DEQUANTIZED_CLASSES[cls]
-
-
 def convert_table_modules(root: nn.Module, plan: TablePlan) -> None:
     """Every QuantEmbedding of ``root`` (a prepared copy) looks rows up in its dequantized table, recorded."""
     for name, module in root.named_modules():
@@ -146,10 +137,7 @@ def convert_table_modules(root: nn.Module, plan: TablePlan) -> None:
         qw = module.quantized()
         table = dequantize(qw)
         plan.add(name or type(module).__name__, qw, _float32(table), module)
-        module.__class__ = _dequantized_class(type(module))
-        for packed in ("qweight", "scales", "zeros"):
-            module._buffers.pop(packed, None)
-        module.register_buffer("dequantized", table)
+        swap_to_dequantized(module, _DequantizedEmbedding, table)
 
 
 def convert_tables_in_graph(gm: fx.GraphModule, plan: TablePlan) -> None:
