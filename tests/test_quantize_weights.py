@@ -258,3 +258,13 @@ def test_one_by_one_convs_are_quantized_as_an_option():
     with pytest.warns(graphopt.GraphoptWarning, match="no layer was quantized .*1x1 conv .convs=true"):
         without = graphopt.optimize(model, "quantize-weights:min_speedup=0", x)
     assert not _quant_nodes(without.module) and _decisions(without)["0"].startswith("float: 1x1 conv")
+
+
+def test_gptq_names_the_layer_for_inputs_it_cannot_take():
+    w = torch.randn(8, 64)
+    with pytest.raises(InputError, match=r"layer 'blk.fc': the Hessian must be \(64, 64\)"):
+        gptq(w, torch.eye(32), 4, 32, layer="blk.fc")
+    with pytest.raises(InputError, match="layer 'blk.fc': keep must be a bool mask"):
+        gptq(w, torch.eye(64), 4, 32, keep=torch.ones(8, 64), layer="blk.fc")
+    with pytest.raises(InputError, match="layer 'blk.fc': group_size must be a positive multiple of 32"):
+        gptq(w, torch.eye(64), 4, 40, layer="blk.fc")

@@ -73,16 +73,8 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int
     Columns whose input is always zero (zero Hessian diagonal) are quantized as 0. Work runs in float32, the
     factorization in float64.
     """
-    check_bits_and_group(bits, group_size, layer)
-    if weight.dim() != 2 or not weight.is_floating_point():
-        raise InputError(f"layer {layer!r}: GPTQ takes a floating-point (out, in) matrix, got "
-                         f"{weight.dtype} {tuple(weight.shape)}")
+    _check_inputs(weight, hessian, bits, group_size, keep, layer)
     n, k = weight.shape
-    if not isinstance(hessian, torch.Tensor) or tuple(hessian.shape) != (k, k):
-        got = tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else type(hessian).__name__
-        raise InputError(f"layer {layer!r}: the Hessian must be ({k}, {k}) for a weight of shape {(n, k)}, got {got}")
-    if keep is not None and (keep.dtype != torch.bool or tuple(keep.shape) != (n, k)):
-        raise InputError(f"layer {layer!r}: keep must be a bool mask of the weight's shape {(n, k)}")
     h, perm = permuted_hessian(hessian, act_order)
     if factor is None:
         factor = damped_cholesky_inverse(h, damp, layer=layer)
@@ -125,3 +117,17 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int
     codes = torch.empty(n, k, dtype=torch.uint8)
     codes[:, order] = codes_t.t().to(torch.uint8)
     return QuantizedCodes(codes, scales.float(), zeros.to(torch.uint8), group_size)
+
+
+def _check_inputs(weight, hessian, bits: int, group_size: int | None, keep, layer: str) -> None:
+    """InputError naming ``layer`` for a grid, weight, Hessian or mask GPTQ cannot take."""
+    check_bits_and_group(bits, group_size, layer)
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise InputError(f"layer {layer!r}: GPTQ takes a floating-point (out, in) matrix, got "
+                         f"{weight.dtype} {tuple(weight.shape)}")
+    n, k = weight.shape
+    if not isinstance(hessian, torch.Tensor) or tuple(hessian.shape) != (k, k):
+        got = tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else type(hessian).__name__
+        raise InputError(f"layer {layer!r}: the Hessian must be ({k}, {k}) for a weight of shape {(n, k)}, got {got}")
+    if keep is not None and (keep.dtype != torch.bool or tuple(keep.shape) != (n, k)):
+        raise InputError(f"layer {layer!r}: keep must be a bool mask of the weight's shape {(n, k)}")
