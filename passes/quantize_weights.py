@@ -112,29 +112,22 @@ class QuantizeWeights(Pass):
             raise PipelineError(f"{where}: act_order applies to method=gptq only")
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
-        _check_names = unmatched(self.layers + self.ignore + tuple(p for p, _ in self.bits_for + self.group_size_for),
-                                 [n for n, _ in gm.named_modules()] + [n for n, _ in gm.named_parameters()])
-        if _check_names:
-            raise PipelineError(f"{self.name}: name pattern(s) {_check_names} match no layer of the model")
+        unknown = unmatched(self.layers + self.ignore + tuple(p for p, _ in self.bits_for + self.group_size_for),
+                            [n for n, _ in gm.named_modules()] + [n for n, _ in gm.named_parameters()])
+        if unknown:
+            raise PipelineError(f"{self.name}: name pattern(s) {unknown} match no layer of the model")
         batches = []
         if self.method == "gptq":
             batches = check_batches(ctx.calib_data, ctx.inputs, needed_by=f"{self.name} method=gptq",
                                     pipeline=f"{self.name}:method=gptq")
         targets, skipped = self._targets(gm)
-        ranking = []
-        if self.keep_float and targets:
-            ranking = _sensitivity(gm, targets, (ctx.calib_data and check_batches(
-                ctx.calib_data, ctx.inputs, needed_by=self.name)) or [ctx.inputs], self.sensitivity_batches)
-            for name, db in ranking[:self.keep_float]:
-                node = next(n for n, t in targets.items() if t.name == name)
-                del targets[node]
-                skipped[name.rpartition(".")[0] or name] = f"float: keep_float (most sensitive, SQNR {db:.1f} dB)"
-        if not targets:
+        ranking = self._keep_most_sensitive(gm, ctx, batches, targets, skipped)
+        tables = self._embedding_targets(gm, skipped) if self.embeddings else {}
+        if not targets and not tables:
             reasons = sorted({why for why in skipped.values()})
             warnings.warn(f"{self.name}: no layer was quantized ({len(skipped)} weighted layers, all left in float: "
                           f"{'; '.join(reasons) or 'the model has no Linear layers'}); see the options layers=, "
                           "output_layers=true, convs=true", GraphoptWarning, stacklevel=2)
-        tables = self._embedding_targets(gm, skipped) if self.embeddings else {}
         table_codes, _ = quantize_layers(gm, tables, "rtn")  # first: GPTQ then calibrates on the quantized tables
         codes, notes = quantize_layers(gm, targets, self.method, batches, act_order=self.act_order, damp=self.damp,
                                        block_size=self.block_size)
@@ -156,6 +149,19 @@ class QuantizeWeights(Pass):
         stats.update(method=self.method, baked_parametrizations=baked, embeddings=len(tables),
                      sensitivity=[(name, round(db, 2)) for name, db in ranking])
         return PassResult(gm, modified=bool(targets or tables), stats=stats, decisions=decisions)
+
+    def _keep_most_sensitive(self, gm: fx.GraphModule, ctx: Context, batches: list, targets: dict,
+                             skipped: dict) -> list[tuple[str, float]]:
+        """With ``keep_float=k``: rank the targets by sensitivity, drop the k most sensitive from ``targets`` (into
+        ``skipped``); the ranking."""
+        if not self.keep_float or not targets:
+            return []
+        data = batches or (ctx.calib_data and check_batches(ctx.calib_data, ctx.inputs, needed_by=self.name))
+        ranking = _sensitivity(gm, targets, data or [ctx.inputs], self.sensitivity_batches)
+        for name, db in ranking[:self.keep_float]:
+            del targets[next(n for n, t in targets.items() if t.name == name)]
+            skipped[name.rpartition(".")[0] or name] = f"float: keep_float (most sensitive, SQNR {db:.1f} dB)"
+        return ranking
 
     def _lower(self, gm: fx.GraphModule, targets: dict, codes: dict, notes: dict) -> tuple[dict, dict]:
         """Pack every quantized layer and swap in the kernel where it is predicted faster; (decisions, stats)."""

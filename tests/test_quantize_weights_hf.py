@@ -125,3 +125,10 @@ def test_embedding_tables_pack_write_back_and_reload(tmp_path):
     assert type(again.model.embed_tokens).__name__ == "QuantEmbedding"
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids).logits, want)
+
+
+def test_quantizing_only_the_embedding_table_is_no_empty_run(recwarn):
+    res = graphopt.optimize(_llama(), "quantize-weights:layers=[model.embed_tokens],embeddings=true",
+                            {"input_ids": _ids()})
+    assert res.report.records[-1].stats["embeddings"] == 1
+    assert not [w for w in recwarn if "no layer was quantized" in str(w.message)]
