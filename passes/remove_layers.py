@@ -100,7 +100,7 @@ class RemoveLayers(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         if any(shape_of(n) is None for n in gm.graph.nodes if n.op == "call_function"
-               and n.target == torch.ops.aten.add.Tensor):
+               and n.target in (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)):
             propagate(gm, ctx.inputs, fake=True)  # block detection compares shapes
         candidates = find_blocks(gm, self.unit, self.allow_projection, self.plain)
         if self.blocks:

@@ -1,7 +1,9 @@
 """Find removable residual blocks in a canonical (ATen) graph and remove them.
 
 A *branch* is one residual add ``y = x + f(x)``: ``f``'s nodes (its *body*) are used only inside the branch, so
-replacing ``y`` by ``x`` (``f`` replaced by zero) and erasing the body leaves a valid graph. A *projection branch*
+replacing ``y`` by ``x`` (``f`` replaced by zero) and erasing the body leaves a valid graph. The add may be
+written in place (``out += identity``: ``aten.add_``), and ``f`` may end in any scale (layer scale ``gamma * f``,
+drop-path's keep-prob ``mul``/``div`` by a scalar): those nodes are read only by the branch, so they are its body. A *projection branch*
 is ``y = f(x) + p(x)`` with a small projection ``p`` (a ResNet downsample): removing it keeps ``y = p(x)``, which
 changes what the block computes more than an identity skip, so it is opt-in.
 
@@ -27,6 +29,10 @@ from graphopt.graph.shapes import shape_of
 
 aten = torch.ops.aten
 _PROJECTION_OPS = (aten.conv1d, aten.conv2d, aten.conv3d, aten.linear)
+# ``out += identity`` (torchvision's ResNet, ConvNeXt, MobileNetV3, EfficientNet) exports as ``add_``: the same sum,
+# written into one operand. Either operand may be the one written: removing the branch replaces the add's value by
+# the kept operand, and a kept operand that was written simply stays unwritten (its later readers read the add).
+_ADDS = (aten.add, aten.add_)
 
 
 @dataclass(frozen=True)
@@ -156,7 +162,7 @@ def _projection_only(gm: fx.GraphModule, body: set[fx.Node]) -> bool:
 
 def _branch_at(gm: fx.GraphModule, add: fx.Node, order: dict, allow_projection: bool) -> Branch | None:
     """The residual branch ending at ``add``, or None if ``add`` is no removable residual add."""
-    if not is_op(add, aten.add) or len(add.args) != 2 or add.kwargs.get("alpha", 1) != 1:
+    if not is_op(add, *_ADDS) or len(add.args) != 2 or add.kwargs.get("alpha", 1) != 1:
         return None
     a, b = add.args
     if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or a is b:
@@ -164,7 +170,7 @@ def _branch_at(gm: fx.GraphModule, add: fx.Node, order: dict, allow_projection: 
     for kept, value in ((a, b), (b, a)):
         body = _body_of(value, add, order)
         params = _params_of(gm, body)
-        if params and kept in _inputs_of(body) and _same_shape(kept, add):
+        if params and _copied_from(kept) & _inputs_of(body) and _same_shape(kept, add):
             return _make_branch(gm, add, kept, body, params, projection=False)
     if not allow_projection:
         return None
@@ -179,6 +185,16 @@ def _branch_at(gm: fx.GraphModule, add: fx.Node, order: dict, allow_projection: 
     return None
 
 
+def _copied_from(node: fx.Node) -> set[fx.Node]:
+    """``node`` and the values it is an unchanged copy of: ``x.clone(); x += f(x)`` keeps the copy, the branch reads
+    the original, and it is the same residual."""
+    chain = {node}
+    while _passes_through(node) or (is_op(node, aten.clone) and isinstance(node.args[0], fx.Node)):
+        node = node.args[0]
+        chain.add(node)
+    return chain
+
+
 def _make_branch(gm, add, kept, body, params, projection) -> Branch:
     nodes = tuple(n for n in gm.graph.nodes if n in body)
     return Branch(add, kept, nodes, params, _common_module(params), projection)
@@ -187,7 +203,7 @@ def _make_branch(gm, add, kept, body, params, projection) -> Branch:
 def find_branches(gm: fx.GraphModule, allow_projection: bool = False) -> list[Branch]:
     """Every residual branch of ``gm`` in graph order (shapes must be recorded in ``node.meta``)."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    found = [_branch_at(gm, n, order, allow_projection) for n in gm.graph.nodes if is_op(n, aten.add)]
+    found = [_branch_at(gm, n, order, allow_projection) for n in gm.graph.nodes if is_op(n, *_ADDS)]
     branches = [b for b in found if b is not None]
     # a branch nested inside another's body (an add inside an attention block) is part of that block, not a block
     outer_bodies = set().union(*(set(b.body) for b in branches)) if branches else set()
@@ -323,7 +339,7 @@ def removal_record(gm: fx.GraphModule, block: Block) -> dict:
     block was a plain layer (replaced by its input)."""
     name = block.name
     within = lambda path: path == name or path.startswith(name + ".")  # noqa: E731
-    plain = any(not is_op(br.add, aten.add) for br in block.branches)
+    plain = any(not is_op(br.add, *_ADDS) for br in block.branches)
     last = block.branches[-1].add
     own = (not plain and not block.projection and all(within(scope_of(br.add)) for br in block.branches)
            and not any(within(scope_of(u)) for u in last.users if not _is_assert(u)))
