@@ -42,6 +42,11 @@ FAMILIES: dict[str, Family] = {
                            "stablelm")},
     **{t: Family("model.layers", q="self_attn.q_proj", k="self_attn.k_proj", up="mlp.up_proj", embed_scaled=True)
        for t in ("gemma", "gemma2", "gemma3_text")},
+    # mixture-of-experts decoders: no MLP width tracked (it lives in fused expert tensors; update_experts below
+    # keeps their count), and DeepSeek's latent attention has no q_proj of heads * head_dim rows
+    **{t: Family("model.layers", q="self_attn.q_proj", k="self_attn.k_proj") for t in ("mixtral", "qwen2_moe",
+                                                                                        "qwen3_moe", "olmoe")},
+    "deepseek_v3": Family("model.layers"),
     "phi3": Family("model.layers", qkv="self_attn.qkv_proj", qkv_parts=None, up="mlp.gate_up_proj", up_fused=True,
                    o="self_attn.o_proj"),
     "phi": Family("model.layers", q="self_attn.q_proj", k="self_attn.k_proj", up="mlp.fc1"),
@@ -76,6 +81,7 @@ def update_config(model: nn.Module, deleted: list[tuple[str, int]]) -> list[str]
     layers = _layer_list(model, family)
     head_dim = _head_dim(config)  # before the hidden size changes: configs without head_dim derive it from that
     _drop_layers(model, config, layers, deleted)
+    update_experts(model)
     embeddings = model.get_input_embeddings()
     notes = []
     if isinstance(embeddings, nn.Embedding) and embeddings.embedding_dim != config.hidden_size:
@@ -92,6 +98,38 @@ def update_config(model: nn.Module, deleted: list[tuple[str, int]]) -> list[str]
     if layers is None or not len(layers):
         return notes
     return notes + _update_widths(config, family, layers, head_dim)
+
+
+_EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")  # one config field per family
+_EXPERT_ATTRS = ("num_experts", "n_routed_experts", "num_local_experts")  # the MoE modules' copies of it
+_TOP_K_ATTRS = ("top_k", "num_experts_per_tok")
+
+
+def update_experts(model: nn.Module) -> None:
+    """After experts were removed (prune-experts): the config's expert count, its top-k capped by it, and the same
+    counts held by the MoE modules (routers, experts, blocks). The count is read off the fused expert tensors
+    ``[num_experts, ...]``; a model whose MoE layers disagree is left for the write-back check to report."""
+    config = model.config
+    old = next((getattr(config, f) for f in _EXPERT_FIELDS if isinstance(getattr(config, f, None), int)), None)
+    if old is None:
+        return
+    found = {p.shape[0] for name, p in model.named_parameters()
+             if p.dim() == 3 and name.rpartition(".")[0].endswith("experts")}
+    if len(found) != 1 or (new := found.pop()) == old:
+        return
+    for f in _EXPERT_FIELDS:
+        if f in vars(config):
+            setattr(config, f, new)
+    k = getattr(config, "num_experts_per_tok", None)
+    if isinstance(k, int) and k > new:
+        config.num_experts_per_tok = new
+    for module in model.modules():
+        for attr in _EXPERT_ATTRS:
+            if getattr(module, attr, None) == old and isinstance(vars(module).get(attr), int):
+                setattr(module, attr, new)
+        for attr in _TOP_K_ATTRS:
+            if isinstance(vars(module).get(attr), int) and getattr(module, attr) > new:
+                setattr(module, attr, new)
 
 
 def _layer_list(model: nn.Module, family: Family | None) -> nn.ModuleList | None:
