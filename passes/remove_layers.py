@@ -43,7 +43,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from graphopt.util import distributed
-from graphopt.analysis.blocks import Block, find_blocks, remove_blocks
+from graphopt.analysis.blocks import Block, find_blocks, remove_blocks, writes_into
 from graphopt.calibration.repair_after_removal import layers_after, record_inputs, refit_recorded
 from graphopt.errors import InputError, MissingDataError, PassError, PipelineError
 from graphopt.graph.inputs import ExampleInputs, check_batches, flat_outputs
@@ -222,6 +222,7 @@ class _Probe(fx.Interpreter):
         super().__init__(gm, garbage_collect_values=True)
         self.watch, self.seen = set(watch), {}
         self.kept = {br.add: br.kept for b in drop for br in b.branches}
+        self.copied = {add for add in self.kept if writes_into(add)}  # a relu_ after the add: not into the input
         self.skip = {n for b in drop for br in b.branches for n in br.body}
         self.skip |= {u for n in self.skip for u in n.users if not u.users and "assert" in str(u.target)}
         keep = set(self.kept.values())  # a plain layer's input is last read inside it: keep it for its output
@@ -230,7 +231,10 @@ class _Probe(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         if n in self.skip:
             return None  # body of a dropped block: nobody outside reads it
-        out = self.env[self.kept[n]] if n in self.kept else super().run_node(n)
+        if n in self.kept:
+            out = self.env[self.kept[n]].clone() if n in self.copied else self.env[self.kept[n]]
+        else:
+            out = super().run_node(n)
         if n in self.watch:  # a copy: a later in-place op (relu_ after the add) would change it under us
             self.seen[n] = out.clone() if isinstance(out, torch.Tensor) else out
         return out

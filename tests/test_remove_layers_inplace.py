@@ -267,3 +267,33 @@ def test_inspect_lists_the_in_place_blocks(capsys):
     out = capsys.readouterr().out
     assert "removable blocks: 3" in out
     assert all(f"blocks.{i} " in out for i in range(3))
+
+
+class ConcatNet(nn.Module):
+    """Two ResNet blocks (``out += identity``, then an in-place ReLU) whose input is also concatenated at the end:
+    once a block is removed, its ReLU would write into that input unless it gets a copy."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, C, 1)
+        self.blocks = nn.Sequential(BasicBlock(True), BasicBlock(True))
+
+    def forward(self, x):
+        x = self.stem(x)
+        return torch.cat([self.blocks(x), x], 1)
+
+
+def test_an_in_place_op_after_a_removed_add_does_not_write_into_the_kept_input():
+    model, inputs = ConcatNet().eval(), _inputs("resnet")
+    result = graphopt.optimize(model, [RemoveLayers(blocks=("blocks.0",))], inputs)
+    with torch.no_grad():
+        stem = model.stem(inputs[0])
+        want = torch.cat([model.blocks[1](stem.relu()), stem], 1)  # the removed block leaves relu(x + 0)
+    torch.testing.assert_close(result.module(*inputs), want)
+    torch.testing.assert_close(result.to_model()(*inputs), want)
+    error = graphopt.optimize(model, [RemoveLayers(n=1, criterion="output-error", protect=())], inputs,
+                              calib_data=[inputs]).report.records[0].stats["scores"]["blocks.0"]
+    with torch.no_grad():
+        full = model(*inputs)
+    assert error == pytest.approx(float((want - full).pow(2).sum() / full.pow(2).sum()), rel=1e-5)

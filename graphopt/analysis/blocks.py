@@ -388,6 +388,7 @@ def remove_blocks(gm: fx.GraphModule, blocks: list[Block]) -> None:
             kept = br.kept
             while kept in erase:  # the kept value was itself removed (nested windows): follow the chain
                 kept = _kept_of(kept, blocks)
+            kept = _unwritten(gm, kept, br.add, erase)
             for user in list(br.add.users):
                 if user not in erase and not _is_assert(user):
                     user.replace_input_with(br.add, kept)
@@ -400,6 +401,24 @@ def remove_blocks(gm: fx.GraphModule, blocks: list[Block]) -> None:
     remove_dead_nodes(gm)
     remove_unused_attrs(gm)
     gm.recompile()
+
+
+def writes_into(node: fx.Node) -> bool:
+    """True if a user of ``node`` writes into it in place (``relu_`` of ``nn.ReLU(inplace=True)`` after an add)."""
+    return any(node in _written(u) for u in node.users)
+
+
+def _unwritten(gm: fx.GraphModule, kept: fx.Node, add: fx.Node, erase: set[fx.Node]) -> fx.Node:
+    """``kept``, or a copy of it where the add's users write into it in place while something else still reads
+    ``kept`` (a DenseNet-style concat of the block's input, or a graph input): the copy keeps those readers'
+    value, which the add's fresh tensor used to."""
+    readers = [u for u in kept.users if u not in erase and u is not add and not _is_assert(u)]
+    if not writes_into(add) or not (readers or kept.op == "placeholder"):
+        return kept
+    with gm.graph.inserting_before(add):
+        copy = gm.graph.call_function(aten.clone.default, (kept,))
+    copy.meta.update({k: v for k, v in kept.meta.items() if k in ("val", "tensor_meta")})
+    return copy
 
 
 def _kept_of(add: fx.Node, blocks: list[Block]) -> fx.Node:
