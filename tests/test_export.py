@@ -300,7 +300,7 @@ def test_a_baked_batch_size_fails_at_the_second_batch_with_a_verify_error(keep_r
 def test_bad_arguments(tmp_path):
     with pytest.raises(graphopt.InputError, match="expects a torch.nn.Module"):
         export_onnx(lambda x: x, (torch.randn(1),), tmp_path / "f.onnx")
-    with pytest.raises(graphopt.InputError, match="exporter must be 'dynamo' or 'legacy', got 'tflite'"):
+    with pytest.raises(graphopt.InputError, match="exporter must be 'auto', 'dynamo' or 'legacy', got 'tflite'"):
         export_onnx(nn.ReLU().eval(), (torch.randn(1),), tmp_path / "f.onnx", exporter="tflite")
     with pytest.raises(graphopt.InputError, match=r"example_inputs \(\(2, 3\) float32\) do not fit Linear: "):
         export_onnx(nn.Linear(4, 2).eval(), (torch.randn(2, 3),), tmp_path / "f.onnx")

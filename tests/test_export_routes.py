@@ -146,6 +146,8 @@ def test_a_module_captured_with_a_fixed_batch_exports_static_not_broken(tmp_path
     with pytest.warns(GraphoptWarning, match="by no route"):
         report = export_onnx(fixed, (x,), tmp_path / "f.onnx")
     assert report.exporter == "dynamo" and not report.dynamic_batch and report.verified_batches == (2,)
+    # torch itself refuses batch 3, so the legacy exporter is not tried with a dynamic batch
+    assert [r for r, _ in report.routes_tried] == ["dynamo (dynamic batch)", "dynamo (static batch)"]
     assert "the torch module itself refuses batch 3 (AssertionError: Guard failed: x.size()[0] == 2)" in \
         report.routes_tried[0][1]
 

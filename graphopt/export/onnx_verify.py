@@ -21,6 +21,8 @@ from graphopt.errors import VerifyError
 class BatchSizeError(VerifyError):
     """The file, or the torch module itself, fails at the second batch size: the batch is not really dynamic."""
 
+    module_refuses = False  # True: torch itself fails at that batch, so no exporter can keep the batch dynamic
+
 
 @dataclass(frozen=True)
 class OutputError:
@@ -247,10 +249,12 @@ def _torch_at_batch(truth, tensors, size: int):
         return truth.call(tensors)
     except Exception as e:  # a guard's AssertionError, a view that bakes the batch in, ...
         why = str(e).splitlines()[0] if str(e) else ""
-        raise BatchSizeError(
+        error = BatchSizeError(
             f"the torch module itself refuses batch {size} ({type(e).__name__}: {why}): "
             "it was captured with a fixed batch size; export with dynamic_batch=False, or capture it with a "
-            "dynamic batch") from e
+            "dynamic batch")
+        error.module_refuses = True
+        raise error from e
 
 
 @contextlib.contextmanager

@@ -75,6 +75,8 @@ def first_working(routes: list[Route], attempt: Callable[[Route], T], model_name
         dynamic_failed = [e for r, e in tried if r.dynamic_batch]
         if not route.dynamic_batch and dynamic_failed and not any(map(batch_related, dynamic_failed)):
             continue
+        if route.dynamic_batch and any(getattr(e, "module_refuses", False) for e in dynamic_failed):
+            continue  # torch itself refuses a second batch size: no exporter can keep it dynamic
         try:
             result = attempt(route)
         except (ExportError, BatchSizeError) as e:
