@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
@@ -41,6 +42,7 @@ from graphopt.pipeline.registry import register_pass
 from graphopt.graph.shapes import GraphRunError, propagate
 
 ATTENTION = ("heads", "head_dim", "both", "none")
+ALMOST_NOTHING = 0.05  # a prune that removes under this share of the parameters it was asked to cut warns why
 
 
 @register_pass
@@ -97,9 +99,11 @@ class PruneChannels(Pass):
         batches = check_batches(ctx.calib_data, ctx.inputs, needed_by="prune-channels", why=" for reconstruct=true",
                                 pipeline="prune-channels:reconstruct=true") if self.reconstruct else None
         step_keep = (1 - self.ratio) ** (1 / self.steps)
+        params_before, first = _param_count(gm), None
         for step in range(self.steps):
             dep = ctx.analysis(DependencyGraph, gm) if step == 0 else DependencyGraph(gm, ctx)  # step 1+: pruned
             if step == 0:
+                first = dep
                 _warn_unknown(dep)
             plan = self.plan(gm, dep, ctx, 1 - step_keep, head_notes)
             if batches is not None and plan:
@@ -112,6 +116,7 @@ class PruneChannels(Pass):
             pruned_groups = max(pruned_groups, len(plan))
             if self.finetune is not None and step < self.steps - 1:
                 self.finetune(gm, step)
+        self._warn_if_almost_nothing(gm, first, params_before - _param_count(gm))
         decisions = _shape_decisions(before, _shapes(gm, weights), self.ignore)
         for layer_weight, note in repairs.items():
             layer = next((n for n, t in weights.items() if t == layer_weight), layer_weight)
@@ -193,6 +198,42 @@ class PruneChannels(Pass):
             return False
         kind = dep.group_kind(group)
         return kind == "channels" or self.attention in ("both", kind)
+
+    def _warn_if_almost_nothing(self, gm: fx.GraphModule, dep: DependencyGraph, removed: int) -> None:
+        """Warn when the pass removed under 5% of the parameters it was asked to cut, naming what held them."""
+        asked = sum(p.numel() * self._ratio_of_param(name) for name, p in gm.named_parameters()
+                    if not matches_any(name, self.ignore))
+        groups = [g for g in dep.groups if any(m.dim < 2 for m in g.members)  # kernel windows are no channels
+                  and not any(matches_any(p, self.ignore) for p in g.params())]
+        wanted = sum(int(self._ratio_of_param(g.params()[0]) * g.size) for g in groups)
+        if not wanted or removed >= ALMOST_NOTHING * asked:  # a ratio too small for any group is no blockage
+            return
+        held: dict[str, float] = defaultdict(float)  # reason -> parameters in the channels it keeps
+        nodes: dict[str, set[str]] = defaultdict(set)  # an unanalysed op -> the nodes where it froze channels
+        for g in groups:
+            weight = dep.channel_params(g)
+            kind = dep.group_kind(g)
+            if kind != "channels" and self.attention not in ("both", kind):
+                held[f"attention={self.attention} keeps {kind} groups whole"] += float(weight.sum())
+                continue
+            for i, reason in g.frozen.items():
+                op, node = _op_and_node(reason)
+                held[op or reason] += float(weight[i])
+                if node:
+                    nodes[op].add(node)
+        total = sum(held.values()) or 1.0
+        top = sorted(held.items(), key=lambda kv: -kv[1])[:3]
+        why = "; ".join(f"{reason}{_at_nodes(nodes.get(reason))} ({share / total:.0%})" for reason, share in top) \
+            or "no channel is frozen"
+        warnings.warn(f"prune-channels removed almost nothing: {removed:,} of the ~{int(asked):,} parameters asked "
+                      f"for at ratio {self.ratio:g} ({removed / asked:.1%}). What keeps channels whole, by parameters "
+                      f"held: {why}. For an op without a rule, register one (README, 'Which channels move together'); "
+                      "`python -m graphopt inspect` lists every group and why it is frozen.", GraphoptWarning,
+                      stacklevel=3)
+
+    def _ratio_of_param(self, name: str) -> float:
+        """The final ratio asked of one parameter (its first matching ``ratios`` pattern, else ``ratio``)."""
+        return next((r for pattern, r in self.ratios if matches(name, pattern)), self.ratio)
 
     def _ratio_of(self, group: ChannelGroup, default: float) -> float:
         for pattern, r in self.ratios:
@@ -284,13 +325,41 @@ def _record_shapes(gm: fx.GraphModule, ctx: Context) -> None:
 
 
 def _warn_unknown(dep: DependencyGraph) -> None:
-    """Ops without a dependency rule do not fail pruning: their channels stay whole, and the user hears why."""
-    ops = sorted({reason.removeprefix("no rule for ") for reason in dep.unknown_ops.values()
-                  if reason.startswith("no rule for ")})
-    if ops:
-        warnings.warn(f"prune-channels: no dependency rule for {', '.join(ops)}; the channels they touch are left "
-                      "unpruned. Register a rule with @graphopt.analysis.dependency.register_rule(op) to prune through them.",
-                      GraphoptWarning, stacklevel=2)
+    """Ops without a (working) dependency rule do not fail pruning: the channels they alone keep whole stay, and the
+    user hears which op, where. Ops that touch no prunable channel (mask and position arithmetic) are not named."""
+    blocking = dep.blocking_ops()
+    if not blocking:
+        return
+    nodes = {n.name: n for n in dep.gm.graph.nodes}
+    by_op: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for name, (reason, _) in blocking.items():
+        node = nodes[name]
+        op = f"module `{node.target}`" if node.op == "call_module" else str(node.target)
+        what = "no dependency rule for" if reason.startswith("no dependency rule") else "a failing dependency rule for"
+        by_op[(what, op)].append(f"`{name}`")
+    ops = "; ".join(f"{what} {op} (node{'s' * (len(names) > 1)} {', '.join(names[:3])}{', ...' * (len(names) > 3)})"
+                    for (what, op), names in sorted(by_op.items()))
+    channels = sum(n for _, n in blocking.values())
+    warnings.warn(f"prune-channels: {ops}; the {channels} channels only they hold are left unpruned. Register a rule "
+                  "with @graphopt.analysis.dependency.register_rule(op) to prune through them (README, 'Which "
+                  "channels move together').", GraphoptWarning, stacklevel=2)
+
+
+def _op_and_node(reason: str) -> tuple[str | None, str | None]:
+    """('no dependency rule for OP', node) for the reason an unanalysed op froze channels with, else (None, None)."""
+    found = re.match(r"(no dependency rule for .+?|the dependency rule for .+?) (?:failed )?at node `([^`]+)`", reason)
+    return (found.group(1), found.group(2)) if found else (None, None)
+
+
+def _at_nodes(names: set[str] | None) -> str:
+    if not names:
+        return ""
+    names = sorted(names)
+    return f" at node{'s' * (len(names) > 1)} {', '.join(f'`{n}`' for n in names[:3])}{', ...' * (len(names) > 3)}"
+
+
+def _param_count(gm: fx.GraphModule) -> int:
+    return sum(p.numel() for p in gm.parameters())
 
 
 def _layer_weights(gm: fx.GraphModule) -> dict[str, str]:

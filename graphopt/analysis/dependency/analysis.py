@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ from graphopt.analysis.dependency.walk import Walk, param_keys, rule_for, value_
 from graphopt.graph.nodes import resolve
 
 _SKIP_MODULES = ("_guards_fn",)
+RULE_HELP = "a dependency rule for the op would free them (README, 'Which channels move together')"
 
 
 @dataclass
@@ -121,19 +123,30 @@ class DependencyGraph:
             try:
                 value = rule.propagate(w, node)
             except Exception as e:  # a rule that cannot handle this form of its op freezes, never crashes
-                return self._freeze_op(node, f"rule for {node.target} failed: {type(e).__name__}: {e}")
+                return self._freeze_op(node, f"the dependency rule for {node.target} failed at node `{node.name}` "
+                                             f"({type(e).__name__}: {e}): {RULE_HELP}")
             if _sizes_match(value, node.meta.get("tensor_meta")):
                 return value
-            return self._freeze_op(node, f"rule for {node.target} gave keys that do not match the recorded shape")
+            return self._freeze_op(node, f"the dependency rule for {node.target} at node `{node.name}` gave keys "
+                                         f"that do not match the recorded shape: {RULE_HELP}")
         what = node.target if node.op == "call_function" else f"module `{node.target}`"
-        return self._freeze_op(node, f"no rule for {what}")
+        return self._freeze_op(node, f"no dependency rule for {what} at node `{node.name}`: {RULE_HELP}")
 
     def _freeze_op(self, node: fx.Node, reason: str):
+        """Freeze what an op the walk cannot analyse touches; the reason is weak (see ElementSpace.weak)."""
         w = self.walk
         self.unknown_ops[node.name] = reason
+        w.space.weak.add(reason)
         for arg in _flat_nodes((node.args, node.kwargs)):
             w.freeze_value(w.keys(arg), reason)
         return value_keys(w, node, node.name, frozen=reason)
+
+    def blocking_ops(self) -> dict[str, tuple[str, int]]:
+        """The unanalysed ops (``unknown_ops``) that really keep channels whole: {node name: (reason, channels of
+        groups frozen by it alone)}. An op on integer, mask or position tensors, or whose channels something else
+        freezes anyway, is not listed: a rule for it would free nothing."""
+        counts = self.frozen_reasons()
+        return {name: (reason, counts[reason]) for name, reason in self.unknown_ops.items() if counts.get(reason)}
 
     def _build_groups(self) -> list[ChannelGroup]:
         """Groups = connected atoms; each parameter row joins the group of every prime in its key (vectorized)."""
@@ -231,6 +244,15 @@ class DependencyGraph:
     def prunable_groups(self) -> list[ChannelGroup]:
         """Groups with at least one channel that may be removed."""
         return [g for g in self.groups if len(g.prunable)]
+
+    def channel_params(self, group: ChannelGroup) -> np.ndarray:
+        """For each channel of ``group``: how many parameter (and buffer) entries removing it would remove."""
+        weight = np.zeros(group.size)
+        for m in group.members:
+            tk = self.params.get(m.param)
+            if tk is not None:
+                weight += np.bincount(m.channel, minlength=group.size) * (math.prod(tk.sizes) / tk.sizes[m.dim])
+        return weight
 
     def frozen_reasons(self) -> dict[str, int]:
         """Why channels are frozen, with how many channels each reason froze."""

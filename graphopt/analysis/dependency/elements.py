@@ -40,6 +40,10 @@ class ElementSpace:
     frozen: dict[int, str] = field(default_factory=dict)
     links: list[tuple[int, int]] = field(default_factory=list)  # atom pairs coupled by a union (for grouping)
     outer_axes: list[int] = field(default_factory=list)  # atoms made for the outer axes of a split dim
+    # reasons that yield to any other: an op the walk could not analyse freezes what it touches, but a channel that
+    # something else (a model input or output, a kernel window) freezes too keeps that other reason, so the op is
+    # only blamed for channels it alone keeps (registering a rule for it would free exactly those)
+    weak: set[str] = field(default_factory=set)
 
     def new(self, size: int, label: str, frozen: str | None = None) -> np.ndarray:
         """Allocate ``size`` fresh elements as one atom; returns their keys as an (size, 1) array."""
@@ -142,9 +146,12 @@ class ElementSpace:
                 self._union_roots(rx, ry)
 
     def freeze(self, key, reason: str) -> None:
-        """No prime of ``key`` may ever be removed."""
+        """No prime of ``key`` may ever be removed (the first reason stays, unless it is weak and this one not)."""
+        frozen, weak = self.frozen, self.weak
         for p in self.normalize(key):
-            self.frozen.setdefault(p, reason)
+            old = frozen.get(p)
+            if old is None or (old in weak and reason not in weak):
+                frozen[p] = reason
 
     def is_prime(self, x: int) -> bool:
         """True for a root that is not factored."""
