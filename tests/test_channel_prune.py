@@ -14,7 +14,7 @@ from graphopt.analysis.dependency.apply import apply_channel_plan
 from graphopt.analysis.dependency.rules_elementwise import elementwise
 from graphopt.passes.channel_prune import PruneChannels
 from models import NAMES, build
-from util import assert_same_outputs, mystery, outputs, rebatch
+from util import WithCustomOp, assert_same_outputs, mystery, outputs, rebatch
 
 # Where a model cannot lose 40% at ratio 0.5, the reason is listed here (none today: Bert's residual width is
 # frozen because it is the model's output, last_hidden_state, yet heads and MLPs still cut 40% of its parameters).
@@ -168,15 +168,6 @@ def test_a_plan_that_empties_a_group_is_refused():
     group = dep.prunable_groups[0]
     with pytest.raises(graphopt.PassError, match=rf"plan would remove all {group.size} channels of group "):
         apply_channel_plan(gm, dep, {group: list(range(group.size))})
-
-
-class WithCustomOp(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b, self.fc = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.fc(self.b(mystery(self.a(x))).mean((2, 3)))
 
 
 def test_custom_op_without_rule_warns_and_freezes_then_a_registered_rule_unlocks_it():

@@ -14,7 +14,7 @@ import graphopt
 import models
 from graphopt.analysis.dependency import DependencyGraph
 from graphopt.analysis.dependency.walk import RULES
-from util import mystery
+from util import WithCustomOp, mystery
 
 
 @pytest.fixture(autouse=True)
@@ -64,15 +64,6 @@ def test_opt_cumsum_is_analysed_but_freezes_no_group():
     assert any("cumsum" in reason for reason in dep.unknown_ops.values())  # it is there, without a rule
     assert not dep.blocking_ops()
     assert not [r for g in dep.groups for r in g.frozen.values() if "cumsum" in r]
-
-
-class WithCustomOp(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b, self.fc = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.fc(self.b(mystery(self.a(x))).mean((2, 3)))
 
 
 def test_custom_op_on_a_channel_path_is_named_with_its_node():

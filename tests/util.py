@@ -48,3 +48,15 @@ def mystery(x: torch.Tensor) -> torch.Tensor:
 @mystery.register_fake
 def _(x):
     return torch.empty_like(x)
+
+
+class WithCustomOp(torch.nn.Module):
+    """Two 1x1 convs with ``mystery`` (an op without a dependency rule) on the channels between them."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 8, 1)
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.b(mystery(self.a(x))).mean((2, 3)))
