@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import re
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -35,13 +34,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from graphopt.errors import GraphoptWarning, InputError
-from graphopt.export.dequantized_copy import swap_to_dequantized
+from graphopt.export.dequantized_copy import packed_of_node, replace_by_float_op, swap_to_dequantized
 from graphopt.export.formats import ExportError, ExportFormat, register_format
 from graphopt.export.weight_quant_embedding import (
     TablePlan, convert_table_modules, convert_tables_in_graph, holds_quantized_tables, rewrite_gathers, table_problems,
 )
 from graphopt.export.weight_quant_onnx import MS_DOMAIN, LayerOp, LayerTensors, choose_op, dequantized_numpy
-from graphopt.graph.nodes import attr_value, free_attr_name, is_op, owner_and_leaf, remove_unused_attrs, replace_with
+from graphopt.graph.nodes import is_op, remove_unused_attrs
 from graphopt.kernels.modules import QuantLinear
 from graphopt.kernels.quant_format import QuantizedWeight, dequantize
 
@@ -146,33 +145,13 @@ def _convert_modules(root: nn.Module, plan: _Plan) -> None:
         swap_to_dequantized(module, _Dequantized, weight)
 
 
-def _op_args(node: fx.Node) -> dict:
-    names = [a.name for a in node.target._schema.arguments]
-    return {**dict(zip(names, node.args)), **node.kwargs}
-
-
 def _convert_graph(gm: fx.GraphModule, plan: _Plan) -> None:
     graph = gm.graph
     for node in [n for n in graph.nodes if _is_quant_node(n)]:
-        a = _op_args(node)
-        target = getattr(a["qweight"], "target", None)
-        layer = re.sub(r"[._]qweight$", "", target) if isinstance(target, str) else node.name
-        try:
-            packed = [attr_value(gm, a[k]) for k in ("qweight", "scales", "zeros")]
-        except TypeError as e:
-            raise InputError(f"node {node.name!r} (layer {layer!r}): graphopt::quant_linear reads a packed weight "
-                             "computed in the graph; export needs it stored as a buffer (a get_attr)") from e
-        qw = QuantizedWeight(a["bits"], a["group_size"], a["in_features"], a["out_features"], *packed)
+        a, layer, qw = packed_of_node(gm, node, "weight", "in_features", "out_features")
         weight = dequantize(qw)
-        name = free_attr_name(gm, f"{target}_dequantized" if target else f"{node.name}_dequantized")
-        owner, leaf = owner_and_leaf(gm, name)
-        owner.register_buffer(leaf, weight)
-        with graph.inserting_before(node):
-            linear = graph.call_function(torch.ops.aten.linear.default, (a["x"], graph.get_attr(name), a.get("bias")))
-        linear.meta = dict(node.meta)
-        live = bool(node.users)
-        replace_with(node, linear)
-        if live:  # a dead node computes nothing the file needs
+        if replace_by_float_op(gm, node, weight, torch.ops.aten.linear.default,
+                               lambda w: (a["x"], w, a.get("bias"))):
             plan.add(layer, qw, a["act_group"], dequantized_numpy(weight))
     for node in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:  # the packed tensors' reads
         graph.erase_node(node)

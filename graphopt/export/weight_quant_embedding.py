@@ -32,7 +32,6 @@ other float table still in the file is an ExportError.
 from __future__ import annotations
 
 import hashlib
-import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -42,9 +41,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from graphopt.errors import GraphoptWarning, InputError
-from graphopt.export.dequantized_copy import swap_to_dequantized
-from graphopt.graph.nodes import attr_value, free_attr_name, is_op, owner_and_leaf, replace_with
+from graphopt.errors import GraphoptWarning
+from graphopt.export.dequantized_copy import packed_of_node, replace_by_float_op, swap_to_dequantized
+from graphopt.graph.nodes import is_op
 from graphopt.kernels.quant_embedding import QuantEmbedding
 from graphopt.kernels.quant_format import QuantizedWeight, dequantize, unpack_codes
 
@@ -145,26 +144,9 @@ def convert_tables_in_graph(gm: fx.GraphModule, plan: TablePlan) -> None:
     The packed tensors' get_attr nodes are left for the caller's clean-up (weight_quant._convert_graph)."""
     graph = gm.graph
     for node in [n for n in graph.nodes if is_table_node(n)]:
-        names = [a.name for a in node.target._schema.arguments]
-        a = {**dict(zip(names, node.args)), **node.kwargs}
-        target = getattr(a["qweight"], "target", None)
-        layer = re.sub(r"[._](quant_)?qweight$", "", target) if isinstance(target, str) else node.name
-        try:
-            packed = [attr_value(gm, a[k]) for k in ("qweight", "scales", "zeros")]
-        except TypeError as e:
-            raise InputError(f"node {node.name!r} (table {layer!r}): graphopt::quant_embedding reads a packed table "
-                             "computed in the graph; export needs it stored as a buffer (a get_attr)") from e
-        qw = QuantizedWeight(a["bits"], a["group_size"], a["embedding_dim"], a["num_embeddings"], *packed)
+        a, layer, qw = packed_of_node(gm, node, "table", "embedding_dim", "num_embeddings")
         table = dequantize(qw)
-        name = free_attr_name(gm, f"{target}_dequantized" if target else f"{node.name}_dequantized")
-        owner, leaf = owner_and_leaf(gm, name)
-        owner.register_buffer(leaf, table)
-        with graph.inserting_before(node):
-            lookup = graph.call_function(torch.ops.aten.embedding.default, (graph.get_attr(name), a["indices"]))
-        lookup.meta = dict(node.meta)
-        live = bool(node.users)
-        replace_with(node, lookup)
-        if live:
+        if replace_by_float_op(gm, node, table, torch.ops.aten.embedding.default, lambda t: (t, a["indices"])):
             plan.add(layer, qw, _float32(table))
 
 
