@@ -7,8 +7,11 @@ Which experts (``criterion=``), per layer, the lowest-scoring go:
 - ``frequency`` (needs ``calib_data``): how often the expert is in a token's top-k;
 - ``random``: a seeded draw (``seed=``), the baseline.
 How many: ``ratio`` of each layer's experts (rounded down) or ``n`` experts; HF configs hold one expert count, so
-every layer loses the same number and all MoE layers must have the same count. At least ``top_k`` experts (the
-number each token is routed to) must stay.
+every layer loses the same number and all MoE layers must have the same count. Where fewer than ``top_k`` experts
+(the number each token is routed to) remain, top-k is capped at the number left: the router's ``topk`` and the
+dispatch constants that hold k (the grouped-mm token sort's ``// k``, the batched-mm ``repeat_interleave(k)``, the
+``[tokens, k, hidden]`` view that sums each token's experts) follow, and the write-back sets
+``num_experts_per_tok`` and the modules' ``top_k`` to ``min(old, left)``.
 
 The surgery is on the graph (graphopt/analysis/moe.py finds the blocks, whatever the experts' dispatch): the
 router's rows (its weight, bias and DeepSeek's ``e_score_correction_bias``) and the experts' slices of every fused
@@ -22,6 +25,7 @@ experts modules' counts (graphopt/result/hf_config.py).
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -80,17 +84,18 @@ class PruneExperts(Pass):
                               decisions={layer.name: f"kept all {experts} experts" for layer in layers})
         groups = {layer.name: _groups(layer, remove) for layer in layers}
         scores = self._scores(gm, layers, ctx)
-        removed = {}
-        for i, layer in enumerate(layers):
+        removed, left, top_k = {}, experts - remove, {}
+        for layer in layers:
             gone = _lowest(scores[layer.name], remove, groups[layer.name])
             keep = torch.tensor([e for e in range(experts) if e not in set(gone)])
             _apply(gm, layer, keep, groups[layer.name])
-            removed[layer.name] = gone
-        left = experts - remove
-        decisions = {name: f"experts {experts} -> {left} (removed {gone}, {self.criterion})"
-                     for name, gone in removed.items()}
+            if layer.top_k > left:
+                cap_top_k(gm, layer, left)
+            removed[layer.name], top_k[layer.name] = gone, min(layer.top_k, left)
+        decisions = {layer.name: f"experts {experts} -> {left} (removed {removed[layer.name]}, {self.criterion})"
+                     + (f"; top-k {layer.top_k} -> {left}" if layer.top_k > left else "") for layer in layers}
         stats = {"criterion": self.criterion, "experts_before": experts, "experts_after": left, "removed": removed,
-                 "scores": {name: [round(float(s), 6) for s in scores[name]] for name in removed}}
+                 "top_k": top_k, "scores": {name: [round(float(s), 6) for s in scores[name]] for name in removed}}
         return PassResult(gm, modified=True, stats=stats, decisions=decisions)
 
     def _how_many(self, layers: list[MoeLayer], experts: int) -> int:
@@ -98,12 +103,6 @@ class PruneExperts(Pass):
         if remove >= experts:
             raise PassError(f"prune-experts: n={remove} would remove every one of the {experts} experts of each MoE "
                             f"layer; n must be below {experts}")
-        k = max(layer.top_k for layer in layers)
-        if experts - remove < k:
-            first = next(layer for layer in layers if layer.top_k == k)
-            raise PassError(f"prune-experts: removing {remove} of {experts} experts leaves {experts - remove}, fewer "
-                            f"than the {k} each token is routed to in '{first.name}' (num_experts_per_tok); remove at "
-                            f"most {experts - k} (n={experts - k})")
         return remove
 
     def _scores(self, gm: fx.GraphModule, layers: list[MoeLayer], ctx: Context) -> dict[str, torch.Tensor]:
@@ -182,6 +181,40 @@ def _apply(gm: fx.GraphModule, layer: MoeLayer, keep: torch.Tensor, groups: int)
         elif shape[-1] == old and _meta_shape(node)[-1:] == [old]:
             node.args = (node.args[0], [*shape[:-1], new], *node.args[2:])
     gm.recompile()
+
+
+def cap_top_k(gm: fx.GraphModule, layer: MoeLayer, k: int) -> None:
+    """Route each token of ``layer`` to ``k`` (< its top-k) experts: the router's final ``topk`` and the constants of
+    the experts' dispatch that hold the old k (see the module docstring) become ``k``."""
+    old = layer.top_k
+    top = _topk_of(layer.index)
+    if top is None:
+        raise PassError(f"prune-experts: the expert indices of '{layer.name}' do not come from a topk op, so its "
+                        f"top-k ({old}) cannot be capped at the {k} experts left: remove at most "
+                        f"{layer.num_experts - old} experts")
+    top.args = (top.args[0], k, *top.args[2:])
+    for node in layer.nodes:
+        if is_op(node, aten.floor_divide, aten.repeat_interleave) and len(node.args) > 1 and node.args[1] == old:
+            node.args = (node.args[0], k, *node.args[2:])  # token slot // k; hidden repeated once per slot
+        elif node.target is operator.mul and old in node.args and any(isinstance(a, fx.Node) for a in node.args):
+            node.args = tuple(k if a == old and not isinstance(a, fx.Node) else a for a in node.args)  # tokens * k
+        elif is_op(node, aten.view, aten.reshape) and isinstance(node.args[1], (list, tuple)):
+            shape, meta = list(node.args[1]), _meta_shape(node)
+            if len(shape) == len(meta) >= 3 and shape[-2] == old == meta[-2]:  # [tokens, k, hidden]: summed over k
+                node.args = (node.args[0], [*shape[:-2], k, shape[-1]], *node.args[2:])
+    gm.recompile()
+
+
+def _topk_of(node: fx.Node) -> fx.Node | None:
+    """The ``aten.topk`` whose indices ``node`` is (through getitem and dtype casts), or None."""
+    while isinstance(node, fx.Node):
+        if node.target is operator.getitem and is_op(node.args[0], aten.topk):
+            return node.args[0]
+        if not is_op(node, aten.to, aten._to_copy, aten.type_as, aten.view, aten.reshape) \
+                and node.target is not operator.getitem:
+            return None
+        node = node.args[0]
+    return None
 
 
 def _replace(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:

@@ -13,16 +13,17 @@ COMMON = dict(vocab_size=100, hidden_size=64, intermediate_size=48, num_hidden_l
 
 def _model(family: str, **extra):
     torch.manual_seed(0)
+    common = {**COMMON, **extra}
     if family == "mixtral":
-        config = transformers.MixtralConfig(num_local_experts=8, **COMMON, **extra)
+        config = transformers.MixtralConfig(**{"num_local_experts": 8, **common})
     elif family == "qwen2_moe":
-        config = transformers.Qwen2MoeConfig(num_experts=8, moe_intermediate_size=32,
-                                             shared_expert_intermediate_size=48, **COMMON, **extra)
+        config = transformers.Qwen2MoeConfig(**{"num_experts": 8, "moe_intermediate_size": 32,
+                                                "shared_expert_intermediate_size": 48, **common})
     else:
-        config = transformers.DeepseekV3Config(
-            n_routed_experts=8, moe_intermediate_size=32, n_shared_experts=1, n_group=2, topk_group=1,
-            first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
-            v_head_dim=16, **{**COMMON, "num_key_value_heads": 4}, **extra)
+        config = transformers.DeepseekV3Config(**{
+            "n_routed_experts": 8, "moe_intermediate_size": 32, "n_shared_experts": 1, "n_group": 2, "topk_group": 1,
+            "first_k_dense_replace": 1, "q_lora_rank": 16, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
+            "qk_nope_head_dim": 8, "v_head_dim": 16, **common, "num_key_value_heads": 4})
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
@@ -88,6 +89,43 @@ def test_group_limited_routing_loses_as_many_experts_in_every_group():
     with pytest.raises(PassError, match=r"scores each of its 2 expert groups by its top 2 experts; removing 6 "
                                         r"leaves 1 per group: remove at most 4"):
         graphopt.optimize(model, "prune-experts:n=6,criterion=random", (IDS,))
+
+
+def test_fewer_experts_left_than_top_k_caps_top_k(tmp_path):
+    model = _model("mixtral", num_local_experts=4)
+    res = graphopt.optimize(model, "prune-experts:n=3", (IDS,), calib_data=CALIB)
+    stats = res.report.records[0].stats
+    assert stats["experts_after"] == 1 and stats["top_k"] == {"model.layers.0.mlp": 1, "model.layers.1.mlp": 1}
+    assert res.report.records[0].decisions["model.layers.0.mlp"].endswith("; top-k 2 -> 1")
+    out = res.module(IDS).logits
+    assert out.shape == model(IDS).logits.shape
+    back = res.to_model()
+    assert back.config.num_local_experts == 1 and back.config.num_experts_per_tok == 1
+    assert model.config.num_experts_per_tok == 2  # the caller's model is untouched
+    for layer in back.model.layers:
+        assert layer.mlp.top_k == layer.mlp.gate.top_k == 1 and layer.mlp.experts.gate_up_proj.shape[0] == 1
+    torch.testing.assert_close(back(IDS).logits, out)
+    assert back.generate(IDS, max_new_tokens=3, do_sample=False).shape == (2, 11)
+    back.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.num_experts_per_tok == 1
+    torch.testing.assert_close(loaded(IDS).logits, out)
+
+
+@pytest.mark.parametrize("family, implementation, extra, n, left", [
+    ("mixtral", "batched_mm", {}, 7, 1),  # repeat_interleave(k) and the [tokens, k, hidden] view follow k
+    ("qwen2_moe", None, {}, 7, 1),
+    ("deepseek_v3", None, {"num_experts_per_tok": 6, "topk_group": 2}, 4, 4),  # 2 groups of 2 left, top-6 -> 4
+])
+def test_top_k_is_capped_in_every_family_and_dispatch(family, implementation, extra, n, left):
+    model = _model(family, **extra)
+    if implementation:
+        model.config._experts_implementation = implementation
+    res = graphopt.optimize(model, f"prune-experts:n={n},criterion=random", (IDS,))
+    assert res.module(IDS).logits.shape == (2, 8, 100)
+    back = res.to_model()
+    assert back.config.num_experts_per_tok == left
+    torch.testing.assert_close(back(IDS).logits, res.module(IDS).logits)
 
 
 def test_batched_mm_dispatch_is_pruned_the_same_way():
@@ -161,9 +199,6 @@ def test_bad_counts_and_missing_data_are_clear_errors():
     with pytest.raises(PassError, match=r"n=8 would remove every one of the 8 experts of each MoE layer; n must be "
                                         r"below 8"):
         graphopt.optimize(model, "prune-experts:n=8,criterion=random", (IDS,))
-    with pytest.raises(PassError, match=r"removing 7 of 8 experts leaves 1, fewer than the 2 each token is routed to "
-                                        r"in 'model.layers.0.mlp' \(num_experts_per_tok\); remove at most 6 \(n=6\)"):
-        graphopt.optimize(model, "prune-experts:n=7,criterion=random", (IDS,))
     for criterion in ("reap", "frequency"):
         with pytest.raises(MissingDataError, match=f"prune-experts criterion={criterion} needs calibration data to "
                                                    "rank the experts"):
