@@ -12,6 +12,11 @@ BatchNorm right after it (graphopt/calibration/reconstruct.py); ``damp`` regular
 weights. ``importance=activation`` weighs each weight column by its input's mean square on calibration data;
 ``importance=taylor`` differentiates ``loss`` (``output-norm``, or ``cross-entropy``: next-token loss for a causal
 LM, the model's own decisions for a classifier) unless a ``loss_fn`` is given.
+
+``experts=true`` (default) also prunes the width of MoE layers' routed experts, fused 3-D tensors no group holds
+(graphopt/analysis/moe_width.py): each expert of a layer loses the same count (``ratio``, ``ratios``, ``round_to``,
+``ignore`` and the cap apply as to a group; ``ratio`` under ``global_ranking``), its own lowest by ``importance``;
+``to_model()`` writes ``intermediate_size`` / ``moe_intermediate_size`` back. Shared experts are plain MLPs.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from graphopt.calibration.input_energy import input_energy
 from graphopt.calibration.reconstruct import refit_before_removal, refit_targets
 from graphopt.errors import GraphoptWarning, PipelineError
 from graphopt.analysis.importance import CRITERIA, LOSSES, group_scores, named_loss
+from graphopt.analysis.moe_width import prune_expert_widths
 from graphopt.graph.inputs import ExampleInputs, check_batches
 from graphopt.graph.nodes import resolve
 from graphopt.graph.layers import layers, shared_weights
@@ -71,6 +77,7 @@ class PruneChannels(Pass):
     reconstruct: bool = False
     damp: float = 0.01  # reconstruct's damping: a share of the mean diagonal of each Gram matrix
     uniform: bool | None = None  # repeated layers keep equal widths under global ranking; None: on for HF models
+    experts: bool = True  # prune the width of routed experts (fused 3-D tensors) too
 
     def __post_init__(self):
         _check_ratio("ratio", self.ratio)
@@ -111,6 +118,8 @@ class PruneChannels(Pass):
                 repairs.update(skipped)
                 repairs.update(refit_before_removal(gm, batches, targets, damp=self.damp))
             removed_total += apply_channel_plan(gm, dep, plan)
+            if self.experts:
+                removed_total += self._prune_expert_widths(gm, ctx, 1 - step_keep, plan, head_notes)
             if step < self.steps - 1:  # the next step's analysis reads shapes: record the pruned ones
                 _record_shapes(gm, ctx)
             pruned_groups = max(pruned_groups, len(plan))
@@ -154,6 +163,19 @@ class PruneChannels(Pass):
                 order = scores[g.index][candidates].argsort(stable=True)
                 plan[g] = candidates[order[:k]].tolist()
         return keep_every_dim_nonempty(dep, plan, scores, self.round_to)
+
+    def _prune_expert_widths(self, gm: fx.GraphModule, ctx: Context, ratio: float, plan: dict, notes: dict) -> int:
+        """Each routed expert's intermediate channels, counted like a group's (graphopt/analysis/moe_width.py)."""
+        def count(width) -> int:
+            ignored = any(matches_any(p, self.ignore) for p in width.params())
+            return 0 if ignored else self._count(width, self._ratio_of(width, ratio))
+
+        removed, found = prune_expert_widths(gm, count, self.importance, seed=self.seed,
+                                             batches=ctx.calib_data or [ctx.inputs.kwargs or ctx.inputs.args],
+                                             loss_fn=self.loss_fn or named_loss(self.loss),
+                                             skip={m.param for g in plan for m in g.members})
+        notes.update(found)
+        return removed
 
     def _factored_head_counts(self, groups: list[ChannelGroup], dep: DependencyGraph, ratio: float,
                               notes: dict) -> dict[int, int]:
@@ -266,7 +288,6 @@ class PruneChannels(Pass):
                 counts[index] += 1
         by_index = {g.index: g for g in groups}
         return {i: self._count(by_index[i], c / by_index[i].size) if c else 0 for i, c in counts.items()}
-
 
     def _uniform_counts(self, groups: list[ChannelGroup], counts: dict[int, int]) -> dict[int, int]:
         """Groups of one role in repeated layers (the same parameter names but for the layer index, the same size:

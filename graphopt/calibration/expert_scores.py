@@ -11,7 +11,7 @@ long enough to run the experts' own sub-graph once per expert (graphopt.analysis
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -20,7 +20,7 @@ from graphopt.analysis.moe import ExpertRunner, MoeLayer
 from graphopt.calibration.engine import NodeInputs, run_sequentially
 from graphopt.graph.inputs import ExampleInputs
 
-__all__ = ["ExpertStats", "expert_stats"]
+__all__ = ["ExpertStats", "expert_stats", "each_layer_inputs"]
 
 
 @dataclass
@@ -34,6 +34,19 @@ class ExpertStats:
 def expert_stats(gm: fx.GraphModule, layers: Sequence[MoeLayer], batches: Sequence[ExampleInputs], *,
                  outputs: bool = True) -> dict[str, ExpertStats]:
     """{layer name: ExpertStats} over ``batches``; ``outputs=False`` skips the expert runs (``reap`` is None)."""
+    stats: dict[str, ExpertStats] = {}
+
+    def layer_stats(layer: MoeLayer, per_batch: list[list]) -> None:
+        stats[layer.name] = _layer_stats(gm, layer, per_batch, outputs)
+
+    each_layer_inputs(gm, layers, batches, layer_stats, desc="scoring experts")
+    return stats
+
+
+def each_layer_inputs(gm: fx.GraphModule, layers: Sequence[MoeLayer], batches: Sequence[ExampleInputs],
+                      fn: Callable[[MoeLayer, list[list]], None], *, desc: str) -> None:
+    """Run ``gm`` over ``batches``; at each MoE layer call ``fn(layer, per_batch)`` with the values of
+    ``layer.inputs`` for every batch (``per_batch[b][i]``), kept only until ``fn`` returns."""
     consumers: dict[fx.Node, MoeLayer] = {}
     last: dict[str, fx.Node] = {}
     for layer in layers:
@@ -43,7 +56,6 @@ def expert_stats(gm: fx.GraphModule, layers: Sequence[MoeLayer], batches: Sequen
                 consumers[node] = layer
                 last[layer.name] = node
     seen: dict[str, dict[fx.Node, list]] = {layer.name: {} for layer in layers}
-    stats: dict[str, ExpertStats] = {}
 
     def visit(inputs: NodeInputs) -> None:
         layer = consumers[inputs.node]
@@ -53,12 +65,10 @@ def expert_stats(gm: fx.GraphModule, layers: Sequence[MoeLayer], batches: Sequen
                 if node in layer.inputs:
                     store.setdefault(node, [None] * len(batches))[b] = value
         if inputs.node is last[layer.name]:
-            stats[layer.name] = _layer_stats(gm, layer, [[store[a][b] for a in layer.inputs]
-                                                         for b in range(len(batches))], outputs)
+            fn(layer, [[store[a][b] for a in layer.inputs] for b in range(len(batches))])
             store.clear()
 
-    run_sequentially(gm, batches, visit, lambda n: n in consumers, desc="scoring experts")
-    return stats
+    run_sequentially(gm, batches, visit, lambda n: n in consumers, desc=desc)
 
 
 def _pairs(nodes: Any, values: Any):

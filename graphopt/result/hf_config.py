@@ -2,14 +2,17 @@
 
 A ``transformers`` model is rebuilt by ``from_pretrained`` from its ``config`` alone, so after pruning the config
 must describe the new module shapes: hidden size, attention and key/value heads, head_dim, intermediate size,
-number of layers and per-layer lists (``layer_types``); ``layer_idx`` of the kept layers is renumbered so that the
-KV cache indexes the right slot. Family knowledge (module names, config field names) lives in ``FAMILIES`` only.
+number of layers and per-layer lists (``layer_types``), and for mixture-of-experts families the expert count,
+top-k and the routed / shared experts' widths (``MOE_WIDTHS``); ``layer_idx`` of the kept layers is renumbered so
+that the KV cache indexes the right slot. Family knowledge (module names, config field names) lives in ``FAMILIES``
+and ``MOE_WIDTHS`` only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 
 
@@ -34,6 +37,7 @@ class Family:
     o: str = ""  # the attention's output projection: its input width counts the query heads of a (h + 2 kv) qkv
     embed_fields: tuple = ()  # more config fields that hold the embedding width (OPT's word_embed_proj_dim)
     embed_scaled: bool = False  # embeddings are scaled by sqrt(hidden_size) (Gemma): that scale cannot change
+    norms: tuple = ()  # (norm module, config field of its width): DeepSeek's low-rank attention (q_lora_rank)
 
 
 _LLAMA = Family("model.layers", q="self_attn.q_proj", k="self_attn.k_proj", up="mlp.up_proj")
@@ -45,8 +49,9 @@ FAMILIES: dict[str, Family] = {
     # mixture-of-experts decoders: no MLP width tracked (it lives in fused expert tensors; update_experts below
     # keeps their count), and DeepSeek's latent attention has no q_proj of heads * head_dim rows
     **{t: Family("model.layers", q="self_attn.q_proj", k="self_attn.k_proj") for t in ("mixtral", "qwen2_moe",
-                                                                                        "qwen3_moe", "olmoe")},
-    "deepseek_v3": Family("model.layers"),
+                                                                                        "qwen3_moe", "olmoe", "gpt_oss")},
+    "deepseek_v3": Family("model.layers", norms=(("self_attn.q_a_layernorm", "q_lora_rank"),
+                                                 ("self_attn.kv_a_layernorm", "kv_lora_rank"))),
     "phi3": Family("model.layers", qkv="self_attn.qkv_proj", qkv_parts=None, up="mlp.gate_up_proj", up_fused=True,
                    o="self_attn.o_proj"),
     "phi": Family("model.layers", q="self_attn.q_proj", k="self_attn.k_proj", up="mlp.fc1"),
@@ -82,8 +87,8 @@ def update_config(model: nn.Module, deleted: list[tuple[str, int]]) -> list[str]
     head_dim = _head_dim(config)  # before the hidden size changes: configs without head_dim derive it from that
     _drop_layers(model, config, layers, deleted)
     update_experts(model)
+    notes = update_moe_widths(model, layers)
     embeddings = model.get_input_embeddings()
-    notes = []
     if isinstance(embeddings, nn.Embedding) and embeddings.embedding_dim != config.hidden_size:
         if family is not None and family.embed_scaled:
             notes.append(f"{config.model_type} scales its embeddings by sqrt(hidden_size); the pruned graph keeps "
@@ -130,6 +135,62 @@ def update_experts(model: nn.Module) -> None:
         for attr in _TOP_K_ATTRS:
             if isinstance(vars(module).get(attr), int) and getattr(module, attr) > new:
                 setattr(module, attr, new)
+
+
+@dataclass(frozen=True)
+class MoeWidths:
+    """Where a mixture-of-experts family keeps its MLP widths: ``experts`` (the config field of the routed experts'
+    width), its shared expert module (``shared``, under the MoE block) with its field and the config field that
+    multiplies it (DeepSeek's shared experts are ``moe_intermediate_size * n_shared_experts`` wide), and ``dense``:
+    the field of the plain MLP layers some layers keep (DeepSeek's first layers, Qwen2-MoE's ``mlp_only_layers``)."""
+
+    experts: str
+    shared: str = ""
+    shared_field: str = ""
+    shared_times: str = ""
+    dense: str = "intermediate_size"
+
+
+MOE_WIDTHS: dict[str, MoeWidths] = {
+    "mixtral": MoeWidths("intermediate_size"),
+    "olmoe": MoeWidths("intermediate_size"),
+    "gpt_oss": MoeWidths("intermediate_size"),
+    "qwen3_moe": MoeWidths("moe_intermediate_size"),
+    "qwen2_moe": MoeWidths("moe_intermediate_size", "shared_expert", "shared_expert_intermediate_size"),
+    "deepseek_v3": MoeWidths("moe_intermediate_size", "shared_experts", "moe_intermediate_size", "n_shared_experts"),
+}
+
+
+def update_moe_widths(model: nn.Module, layers: nn.ModuleList | None) -> list[str]:
+    """After prune-channels: the config fields of a mixture-of-experts family's MLP widths (``MOE_WIDTHS``), read
+    off each layer's routed experts (the fused ``down_proj``), shared expert and plain MLP. Returns warnings for a
+    field whose layers disagree (the config holds one value)."""
+    config = model.config
+    family = MOE_WIDTHS.get(config.model_type)
+    if family is None or layers is None:
+        return []
+    seen: dict[str, set[int]] = {}
+    for layer in layers:
+        mlp = getattr(layer, "mlp", None)
+        experts = getattr(mlp, "experts", None)
+        down = getattr(experts, "down_proj", None)
+        if isinstance(down, torch.Tensor) and down.dim() == 3:
+            seen.setdefault(family.experts, set()).add(down.shape[1 if getattr(experts, "is_transposed", False) else 2])
+            shared = getattr(mlp, family.shared, None) if family.shared else None
+            if isinstance(getattr(shared, "up_proj", None), nn.Linear):
+                times = getattr(config, family.shared_times, 1) if family.shared_times else 1
+                seen.setdefault(family.shared_field, set()).add(shared.up_proj.out_features / times)
+        elif isinstance(getattr(mlp, "up_proj", None), nn.Linear):
+            seen.setdefault(family.dense, set()).add(mlp.up_proj.out_features)
+    warnings = []
+    for field, values in seen.items():
+        if len(values) > 1 or not float(next(iter(values))).is_integer():
+            warnings.append(f"the {config.model_type} config holds one {field}, but after pruning its layers would "
+                            f"need {sorted(values)} (routed and shared experts and plain MLPs as it derives them), so "
+                            "from_pretrained cannot rebuild it: prune them by one ratio, or save it with graphopt.save")
+        else:
+            _set(config, field, int(values.pop()))
+    return warnings
 
 
 def _layer_list(model: nn.Module, family: Family | None) -> nn.ModuleList | None:
@@ -181,7 +242,22 @@ def _update_widths(config, family: Family, layers: nn.ModuleList, head_dim: int)
                         "from_pretrained cannot rebuild this model: save it with torch.save or graphopt.save")
     if intermediate and family.intermediate:
         _set(config, family.intermediate, intermediate)
+    for path, name in family.norms:
+        found = {layer.get_submodule(path).weight.shape[0] for layer in layers if _has_module(layer, path)}
+        if len(found) == 1:
+            _set(config, name, found.pop())
+        elif found:
+            warnings.append(f"the layers of this {config.model_type} model need different {name} after pruning "
+                            f"({sorted(found)}); its config holds one, so from_pretrained cannot rebuild it")
     return warnings
+
+
+def _has_module(layer: nn.Module, path: str) -> bool:
+    try:
+        layer.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
 
 
 def _head_dim(config) -> int:
