@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models_breadth import BREADTH_NAMES, BREADTH_REGISTRY
+
 __all__ = [
     "ZooCase",
     "build",
@@ -38,6 +40,7 @@ __all__ = [
     "CNN_NAMES",
     "TRANSFORMER_NAMES",
     "HF_NAMES",
+    "BREADTH_NAMES",
 ]
 
 BATCH = 2
@@ -1244,9 +1247,10 @@ def build(name: str) -> ZooCase:
     Seeds torch with ``torch.manual_seed(0)`` first, so two calls give identical weights and
     inputs. Every BatchNorm gets randomized statistics (``randomize_batchnorm``).
     """
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown zoo model {name!r}; expected one of {NAMES}")
-    make_model, make_inputs, tags = _REGISTRY[name]
+    registry = {**_REGISTRY, **BREADTH_REGISTRY}
+    if name not in registry:
+        raise KeyError(f"unknown zoo model {name!r}; expected one of {NAMES + BREADTH_NAMES}")
+    make_model, make_inputs, tags = registry[name]
     torch.manual_seed(SEED)
     model = make_model()
     randomize_batchnorm(model)

@@ -28,6 +28,10 @@ Building blocks (C: channels coming in):
 - ``Split``: ``torch.chunk`` or ``torch.split`` (uneven sizes) along channels, each piece through its own chain,
   then concatenated back (in order or swapped) or gated (``a * sigmoid(b)``, GLU style).
 
+The breadth blocks of random_archs_breadth.py (``Mha``, ``PatchFold``, ``Im2col``, ``Pad``, ``SeqPool``,
+``TLinear``) join them: nn.MultiheadAttention, channels folded into the batch, im2col/col2im, padding, sequence
+pooling and ``x @ weight.T``.
+
 Heads: global average pool + ``Linear(C, 5)`` (``mean`` or ``adaptive_avg_pool2d``), the same with a hidden layer,
 or ``flatten`` to ``(B, C*H*W)`` + ``Linear``.
 """
@@ -41,6 +45,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import strategies as st
+
+from random_archs_breadth import (  # noqa: F401 (recipe names, so a printed recipe evaluates here)
+    BREADTH_KINDS, Im2col, Mha, Pad, PatchFold, SeqPool, TLinear, breadth_block, breadth_module, breadth_out,
+)
 
 BATCH = 2
 SIZE = 8  # spatial H = W
@@ -180,7 +188,8 @@ def _out_one(b, c: int) -> int:
     if isinstance(b, Split):
         oa, ob = out_channels(b.a, b.sizes[0]), out_channels(b.b, b.sizes[1])
         return oa if b.combine == "glu" else oa + ob
-    return c
+    out = breadth_out(b, c)
+    return c if out is None else out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -372,7 +381,10 @@ def _block(b, c: int) -> nn.Module:
         return ConcatM(c, b)
     if isinstance(b, Split):
         return SplitM(c, b)
-    raise TypeError(b)
+    module = breadth_module(b, c)
+    if module is None:
+        raise TypeError(b)
+    return module
 
 
 def _chain(blocks: tuple, c: int) -> nn.Sequential:
@@ -430,7 +442,7 @@ def example_input(arch: Arch, batch: int, seed: int = 1) -> torch.Tensor:
 # The strategy
 # ---------------------------------------------------------------------------------------------------------------------
 
-LEAF_KINDS = ("conv", "depthwise", "grouped", "shuffle", "se", "view", "token_mlp", "attention")
+LEAF_KINDS = ("conv", "depthwise", "grouped", "shuffle", "se", "view", "token_mlp", "attention") + BREADTH_KINDS
 NESTED_KINDS = ("residual", "concat", "split")
 ALL_KINDS = LEAF_KINDS + NESTED_KINDS
 
@@ -456,6 +468,8 @@ def _applicable(kind: str, c: int, depth: int) -> bool:
 def block(draw, c: int, depth: int, kinds: tuple = ALL_KINDS):
     """One block taking ``c`` channels (nested blocks hold chains up to ``depth`` levels deep)."""
     kind = draw(st.sampled_from([k for k in kinds if _applicable(k, c, depth)]))
+    if kind in BREADTH_KINDS:
+        return draw(breadth_block(kind, c))
     if kind == "conv":
         return draw(_conv())
     if kind == "depthwise":

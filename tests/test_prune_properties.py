@@ -77,7 +77,8 @@ def _eligible_groups(model, x, attention: str):
 
 KIND_CLASS = {"conv": "Conv", "depthwise": "Depthwise", "grouped": "GroupedConv", "shuffle": "Shuffle", "se": "SE",
               "view": "ViewRoundTrip", "token_mlp": "TokenMLP", "attention": "Attention", "residual": "Residual",
-              "concat": "Concat", "split": "Split"}
+              "concat": "Concat", "split": "Split", "mha": "Mha", "patch_fold": "PatchFold", "im2col": "Im2col",
+              "pad": "Pad", "seq_pool": "SeqPool", "t_linear": "TLinear"}
 
 
 @pytest.mark.parametrize("kind", ALL_KINDS)

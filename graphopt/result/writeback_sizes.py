@@ -184,3 +184,7 @@ def _mha_sizes(m: nn.MultiheadAttention) -> None:
     out = m.out_proj.weight
     m.embed_dim = out.shape[0]
     m.head_dim = out.shape[1] // m.num_heads if out.shape[1] % m.num_heads == 0 else m.head_dim
+    if m._qkv_same_embed_dim:
+        m.kdim = m.vdim = m.in_proj_weight.shape[1]
+    else:
+        m.kdim, m.vdim = m.k_proj_weight.shape[1], m.v_proj_weight.shape[1]

@@ -29,6 +29,8 @@ from torch.nn.utils import parametrize
 from graphopt.errors import WritebackError
 from graphopt.graph.nodes import resolve
 from graphopt.graph.inputs import ExampleInputs
+from graphopt.result.pruned_mha import narrow_multihead_attention
+from graphopt.result.writeback_sizes import SizeChanges
 
 _BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)
 
@@ -75,6 +77,7 @@ def apply_structure(model: nn.Module, gm: fx.GraphModule, snap, inputs: ExampleI
     _masks(model, gm)
     _removed_branches(model, gm, inputs)
     _folded_norms(model, gm, snap)
+    narrow_multihead_attention(model, graph_tensors(gm), SizeChanges.of(gm, snap).new_value)
     return rename
 
 

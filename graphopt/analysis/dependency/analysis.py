@@ -13,6 +13,7 @@ import torch.fx as fx
 import graphopt.analysis.dependency.rules_elementwise  # noqa: F401  (registers rules)
 import graphopt.analysis.dependency.rules_layers  # noqa: F401
 import graphopt.analysis.dependency.rules_shape  # noqa: F401
+import graphopt.analysis.dependency.rules_windows  # noqa: F401
 from graphopt.analysis.dependency.keys import TensorKeys
 from graphopt.analysis.dependency.walk import Walk, param_keys, rule_for, value_keys
 from graphopt.graph.nodes import resolve
@@ -107,9 +108,12 @@ class DependencyGraph:
 
     def _freeze_outer_axes(self) -> None:
         """Outer axes of split dims (the 2 halves of a channel shuffle, GroupNorm-style groups) stay whole:
-        removing one drops a whole slice of every tensor the dim reaches. Attention heads are the exception."""
+        removing one drops a whole slice of every tensor the dim reaches. Attention heads are the exception, and so
+        are the channels of ops that define their rows as (channel x position) blocks (col2im, pixel_shuffle),
+        which rules tag "channels"."""
         space = self.walk.space
-        heads = {p for keys, kind in self.walk.tags if kind == "heads" for k in keys for p in space.normalize(k)}
+        heads = {p for keys, kind in self.walk.tags if kind in ("heads", "channels") for k in keys
+                 for p in space.normalize(k)}
         for atom_index in space.outer_axes:
             atom = space.atoms[atom_index]
             for element in range(atom.start, atom.start + atom.size):

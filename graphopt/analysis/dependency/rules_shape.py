@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import sys
 
 import torch
@@ -38,16 +39,27 @@ def match_groups(a: tuple, b: tuple) -> list[tuple[tuple[int, int], tuple[int, i
 
 
 def _sizes_rewrite(index: int):
-    """Rewrite the size list at ``node.args[index]`` to the node's new output shape (-1 and symbols stay)."""
+    """Rewrite the size list at ``node.args[index]`` to the node's new output shape. -1 stays; a size computed at
+    run time (``batch * channels * rows``: a count folded into the batch dim) is scaled by new/old size."""
     def rewrite(node: fx.Node, resized) -> None:
-        new = resized.new_shape(node)
+        new, old = resized.new_shape(node), resized.dep.walk.values[node].sizes
         sizes = list(node.args[index])
         offset = len(new) - len(sizes)
         for d, s in enumerate(sizes):
             if isinstance(s, int) and s != -1:
                 sizes[d] = new[d + offset]
+            elif isinstance(s, fx.Node) and new[d + offset] != old[d + offset]:
+                sizes[d] = _scaled_size(node, s, new[d + offset], old[d + offset])
         node.args = (*node.args[:index], sizes, *node.args[index + 1:])
     return rewrite
+
+
+def _scaled_size(user: fx.Node, size: fx.Node, new: int, old: int) -> fx.Node:
+    """A graph node computing ``size * new // old`` (exact: the pruned factor divides ``size``), before ``user``."""
+    g = math.gcd(new, old)
+    with user.graph.inserting_before(user):
+        scaled = user.graph.call_function(operator.mul, (size, new // g))
+        return user.graph.call_function(operator.floordiv, (scaled, old // g)) if old // g != 1 else scaled
 
 
 def reshaped(w: Walk, x, out: tuple, name: str):
@@ -62,9 +74,38 @@ def reshaped(w: Walk, x, out: tuple, name: str):
         elif i1 == i0:
             dims.append(w.fresh(1, f"{name}[{o0}]", frozen="singleton"))
         else:
+            refined = _refine(w, entries, x.sizes[i0:i1], out[o0:o1], name)
+            if refined is not None:
+                dims.extend(refined)
+                continue
             flat = entries[0] if len(entries) == 1 else product(w.space, entries, name)
             dims.extend(split(w.space, flat, list(out[o0:o1]), name))
     return w.tensor(dims, name)
+
+
+def _refine(w: Walk, entries: list, sizes_in: tuple, sizes_out: tuple, name: str) -> list | None:
+    """Keys of a run of dims reshaped into another where every dim boundary of either side divides the next
+    (``[L, N, E] -> [L, N*H, D]``: E splits into H x D, then N and H merge): each input dim splits at the
+    other side's boundaries and the pieces merge into the output dims, so a count folded into a neighbouring dim
+    (heads into the batch, channels with patch rows) keeps its own keys. None where the boundaries do not nest."""
+    if len(sizes_in) == 1 or 1 in sizes_in or 1 in sizes_out:
+        return None
+    cum_in, cum_out = [math.prod(sizes_in[:k + 1]) for k in range(len(sizes_in))], \
+        [math.prod(sizes_out[:k + 1]) for k in range(len(sizes_out))]
+    bounds = sorted(set(cum_in) | set(cum_out))
+    if any(b % a for a, b in zip(bounds, bounds[1:])):
+        return None
+    pieces, lo = [], 1
+    for keys, hi in zip(entries, cum_in):
+        inner = [b // a for a, b in zip([lo] + bounds, bounds) if lo < b <= hi]
+        pieces.extend(split(w.space, keys, inner, name) if len(inner) > 1 else [keys])
+        lo = hi
+    dims, at, lo = [], 0, 1
+    for hi in cum_out:
+        n = sum(1 for b in bounds if lo < b <= hi)
+        dims.append(pieces[at] if n == 1 else product(w.space, pieces[at:at + n], name))
+        at, lo = at + n, hi
+    return dims
 
 
 @register_rule(aten.flatten, aten.unsqueeze, aten.squeeze)  # reshapes that bake no sizes
@@ -91,6 +132,13 @@ def permute(w: Walk, node: fx.Node):
     return w.tensor([w.dk(x, int(d)) for d in node.args[1]], node.name)
 
 
+@register_rule(aten.numpy_T)
+def numpy_t(w: Walk, node: fx.Node):
+    """``Tensor.T``: every dim in reverse order (``x @ weight.T`` linear layers)."""
+    x = w.keys(node.args[0])
+    return w.tensor([w.dk(x, d) for d in reversed(range(len(x.dims)))], node.name)
+
+
 @register_rule(aten.transpose, aten.t, aten.swapaxes)
 def transpose(w: Walk, node: fx.Node):
     """Two dims swap (t: the two dims of a matrix)."""
@@ -111,6 +159,18 @@ def expand(w: Walk, node: fx.Node):
         k = d - lead
         dims.append(w.dk(x, k) if k >= 0 and x.sizes[k] == n else w.fresh(n, f"{node.name}[{d}]"))
     return w.tensor(dims, node.name)
+
+
+@register_rule(aten.expand_as)
+def expand_as(w: Walk, node: fx.Node):
+    """``x.expand_as(other)``: the output has ``other``'s dims (its sizes are read at run time, so a pruned
+    ``other`` carries the expansion along); dims of ``x`` that are not broadcast must keep matching ``other``'s."""
+    x, other = w.keys(node.args[0]), w.keys(node.args[1])
+    lead = len(other.dims) - len(x.dims)
+    for d in range(len(x.dims)):
+        if x.sizes[d] == other.sizes[d + lead] and x.sizes[d] != 1:
+            w.unify(w.dk(x, d), w.dk(other, d + lead), f"{node.name} (expand_as)")
+    return other
 
 
 @register_rule(aten.cat, aten.concat)
@@ -346,45 +406,6 @@ def roll(w: Walk, node: fx.Node):
     for d in (dims_arg if isinstance(dims_arg, (list, tuple)) else [dims_arg]):
         w.freeze_keys(w.dk(x, int(d)), f"{node.name}: indices move along this dim")
     return x
-
-
-@register_rule(aten.pixel_shuffle)
-def pixel_shuffle(w: Walk, node: fx.Node):
-    """(C*r*r, H, W) -> (C, H*r, W*r): channels are (c, r*r); the r*r part moves into space (fixed)."""
-    x, r = w.keys(node.args[0]), int(node.args[1])
-    c, sub = split(w.space, w.dk(x, -3), [x.sizes[-3] // (r * r), r * r], node.name)
-    w.freeze_keys(sub, f"{node.name}: sub-pixel positions")
-    out = shape(node)
-    spatial = [w.fresh(n, f"{node.name}[{d}]", frozen="spatial") for d, n in enumerate(out[-2:])]
-    return w.tensor([w.dk(x, d) for d in range(len(x.dims) - 3)] + [c] + spatial, node.name)
-
-
-@register_rule(aten.pixel_unshuffle)
-def pixel_unshuffle(w: Walk, node: fx.Node):
-    """(C, H*r, W*r) -> (C*r*r, H, W): output channels are (c, sub-pixel position)."""
-    x, r = w.keys(node.args[0]), int(node.args[1])
-    sub = w.fresh(r * r, f"{node.name}/subpixel", frozen="sub-pixel positions")
-    out = shape(node)
-    spatial = [w.fresh(n, f"{node.name}[{d}]", frozen="spatial") for d, n in enumerate(out[-2:])]
-    return w.tensor([w.dk(x, d) for d in range(len(x.dims) - 3)] + [product(w.space, [w.dk(x, -3), sub], node.name)]
-                    + spatial, node.name)
-
-
-POOLS = (aten.max_pool1d, aten.max_pool2d, aten.max_pool3d, aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d,
-         aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d, aten.adaptive_max_pool2d,
-         aten.upsample_nearest2d, aten.upsample_bilinear2d)
-
-
-@register_rule(*POOLS)
-def pool(w: Walk, node: fx.Node):
-    """Pooling/resizing: batch and channel dims pass through, spatial dims are new and fixed."""
-    x = w.keys(node.args[0])
-    out = shape(node) if hasattr(node.meta.get("tensor_meta"), "shape") else tuple(node.meta["tensor_meta"][0].shape)
-    spatial = len(out) - 2 if len(out) > 2 else 1
-    lead = [w.dk(x, d) for d in range(len(out) - spatial)]
-    result = w.tensor(lead + [w.fresh(n, f"{node.name}[{d}]", frozen="spatial")
-                              for d, n in enumerate(out[len(lead):], start=len(lead))], node.name)
-    return result if hasattr(node.meta.get("tensor_meta"), "shape") else (result, result)
 
 
 def _freeze_through(w: Walk, node: fx.Node):

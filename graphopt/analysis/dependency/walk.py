@@ -102,7 +102,8 @@ class Walk:
             self.unify(self.dk(tk, d), keys, why)
 
     def tag(self, keys: DimKeys, kind: str) -> None:
-        """Mark these keys as attention ``heads`` or ``head_dim`` (so users can choose what to prune)."""
+        """Mark these keys as attention ``heads`` or ``head_dim`` (so users can choose what to prune), or as the
+        ``channels`` axis of a split whose other axis is a position (col2im): a prunable outer axis."""
         self.tags.append((keys, kind))
 
     def freeze_keys(self, keys: DimKeys, reason: str) -> None:
