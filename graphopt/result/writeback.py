@@ -61,8 +61,8 @@ def to_model(gm: fx.GraphModule, original: nn.Module, snap: Snapshot, inputs: Ex
     model = copy.deepcopy(original)
     was_training = original.training
     model.eval()
-    rename = apply_structure(model, gm, snap, inputs)
-    changes = SizeChanges.of(gm, snap)
+    changes = SizeChanges.of(gm, snap)  # graph vs capture only: the model edits below do not change it
+    rename = apply_structure(model, gm, snap, inputs, changes)
     _assign_tensors(model, gm, snap, rename)
     update_sizes(model, gm, rename, changes)
     deleted = delete_removed(model, gm)

@@ -66,8 +66,10 @@ def model_name(graph_name: str, rename: dict[str, str]) -> str:
     return rename.get(graph_name, graph_name)
 
 
-def apply_structure(model: nn.Module, gm: fx.GraphModule, snap, inputs: ExampleInputs) -> dict[str, str]:
-    """Edit ``model``'s modules to the graph's structure (deletions excepted: see ``delete_removed``); the rename."""
+def apply_structure(model: nn.Module, gm: fx.GraphModule, snap, inputs: ExampleInputs,
+                    changes: SizeChanges) -> dict[str, str]:
+    """Edit ``model``'s modules to the graph's structure (deletions excepted: see ``delete_removed``); the rename.
+    ``changes``: the op constants the pipeline changed (heads of a narrowed nn.MultiheadAttention)."""
     _refuse_quantized(gm)
     rename: dict[str, str] = {}
     rename.update(_low_rank(model, gm))
@@ -77,7 +79,7 @@ def apply_structure(model: nn.Module, gm: fx.GraphModule, snap, inputs: ExampleI
     _masks(model, gm)
     _removed_branches(model, gm, inputs)
     _folded_norms(model, gm, snap)
-    narrow_multihead_attention(model, graph_tensors(gm), SizeChanges.of(gm, snap).new_value)
+    narrow_multihead_attention(model, graph_tensors(gm), changes.new_value)
     return rename
 
 
