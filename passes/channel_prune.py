@@ -39,6 +39,7 @@ from graphopt.calibration.reconstruct import refit_before_removal, refit_targets
 from graphopt.errors import GraphoptWarning, PipelineError
 from graphopt.analysis.importance import CRITERIA, LOSSES, group_scores, named_loss
 from graphopt.analysis.moe_width import prune_expert_widths
+from graphopt.calibration.expert_energy import expert_input_energy
 from graphopt.graph.inputs import ExampleInputs, check_batches
 from graphopt.graph.nodes import resolve
 from graphopt.graph.layers import layers, shared_weights
@@ -170,10 +171,11 @@ class PruneChannels(Pass):
             ignored = any(matches_any(p, self.ignore) for p in width.params())
             return 0 if ignored else self._count(width, self._ratio_of(width, ratio))
 
-        removed, found = prune_expert_widths(gm, count, self.importance, seed=self.seed,
-                                             batches=ctx.calib_data or [ctx.inputs.kwargs or ctx.inputs.args],
-                                             loss_fn=self.loss_fn or named_loss(self.loss),
-                                             skip={m.param for g in plan for m in g.members})
+        batches = ctx.calib_data or [ctx.inputs.kwargs or ctx.inputs.args]
+        removed, found = prune_expert_widths(
+            gm, count, self.importance, seed=self.seed, batches=batches, loss_fn=self.loss_fn or named_loss(self.loss),
+            skip={m.param for g in plan for m in g.members},
+            measure_energy=lambda layers: expert_input_energy(gm, layers, [ExampleInputs.of(b) for b in batches]))
         notes.update(found)
         return removed
 

@@ -30,9 +30,7 @@ import torch.fx as fx
 
 from graphopt.analysis.importance import taylor_saliency
 from graphopt.analysis.moe import MoeLayer, find_moe_layers
-from graphopt.calibration.expert_energy import expert_input_energy
 from graphopt.errors import GraphoptWarning
-from graphopt.graph.inputs import ExampleInputs
 from graphopt.graph.nodes import is_op, owner_and_leaf, resolve, set_parameter
 
 aten = torch.ops.aten
@@ -171,10 +169,14 @@ def _rows(values: torch.Tensor, dim: int, power: int) -> torch.Tensor:
 
 def prune_expert_widths(gm: fx.GraphModule, count: Callable[[ExpertWidth], int], importance: str, *,
                         seed: int = 0, batches: Iterable | None = None, loss_fn: Callable | None = None,
-                        skip: set[str] = frozenset()) -> tuple[int, dict[str, str]]:
+                        skip: set[str] = frozenset(),
+                        measure_energy: Callable[[list], dict] | None = None) -> tuple[int, dict[str, str]]:
     """Remove ``count(width)`` channels from every routed expert of each MoE layer, each expert its own lowest.
-    ``batches``: for ``importance='taylor'`` (with ``loss_fn``) and ``'activation'``; ``skip``: tensors another plan
-    already edits (their layer stays). Returns (parameters removed, {experts module: what happened})."""
+    ``batches``: for ``importance='taylor'`` (with ``loss_fn``); ``skip``: tensors another plan already edits (their
+    layer stays); ``measure_energy``: for ``importance='activation'``, called with [(MoE layer, its down tensor's
+    name, width)] and returning {experts module: ``[num_experts, width]`` energies or None}
+    (graphopt.calibration.expert_energy, injected by the pass: analysis does not run calibration).
+    Returns (parameters removed, {experts module: what happened})."""
     widths, notes = find_expert_widths(gm)
     for name, why in notes.items():
         warnings.warn(f"prune-channels: the routed experts' width of '{name}' stays whole: {why.split(': ', 1)[1]} "
@@ -189,8 +191,10 @@ def prune_expert_widths(gm: fx.GraphModule, count: Callable[[ExpertWidth], int],
     if not plans:
         return 0, notes
     saliency = taylor_saliency(gm, batches, loss_fn) if importance == "taylor" else None
-    energy = expert_input_energy(gm, [(w.layer, f"{w.name}.down_proj", w.size) for w, _ in plans],
-                                 [ExampleInputs.of(b) for b in batches]) if importance == "activation" else {}
+    if importance == "activation" and measure_energy is None:
+        raise ValueError("prune_expert_widths: importance='activation' needs measure_energy")
+    energy = measure_energy([(w.layer, f"{w.name}.down_proj", w.size) for w, _ in plans]) \
+        if importance == "activation" else {}
     generator = torch.Generator().manual_seed(seed)
     removed = 0
     for width, k in plans:
