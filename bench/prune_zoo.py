@@ -1,4 +1,8 @@
-"""Structural channel pruning, graphopt vs Torch-Pruning (tp), on the test zoo and two 224x224 ImageNet models.
+"""Structural channel pruning, graphopt vs Torch-Pruning (tp), on the test zoo, the breadth zoo and two 224x224 models.
+
+The breadth zoo (tests/models_breadth.py) holds the patterns that once made graphopt refuse or freeze: torch's
+nn.MultiheadAttention (heads folded into the batch dim), unfold/fold patch reshapes, per-head bias tables, pooled
+sequences, multi-query attention with a parallel block, dynamic convolution and TF-"SAME" padding.
 
 Both tools get the same model, the same ratio and the same criterion: L2 weight magnitude ranked per layer/group
 (local, no global ranking). graphopt runs ``optimize(model, [PruneChannels(ratio, importance="l2")], inputs)``,
@@ -46,8 +50,9 @@ import graphopt  # noqa: E402
 from benchkit import geomean, provenance, publish  # noqa: E402
 from graphopt.graph.inputs import ExampleInputs, flat_outputs  # noqa: E402
 from graphopt.passes.channel_prune import PruneChannels  # noqa: E402
-from models import NAMES, build  # noqa: E402
+from models import BREADTH_NAMES, NAMES, build  # noqa: E402
 
+ZOO = (*NAMES, *BREADTH_NAMES, *big_models.BUILDERS)  # the test zoo, the breadth zoo, the 224x224 models
 PRUNE_RUNS = 3
 WARMUP = 5
 TAG = "@@prune_zoo@@"
@@ -67,7 +72,7 @@ TP_CALL = ("`tp.pruner.BasePruner(model, example_inputs, importance=tp.importanc
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; see the module docstring."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default=",".join((*NAMES, *big_models.BUILDERS)),
+    p.add_argument("--models", default=",".join(ZOO),
                    help="comma-separated zoo / big_models names (default: all)")
     p.add_argument("--ratio", type=float, default=0.5, help="channel pruning ratio for both tools (default 0.5)")
     p.add_argument("--repeats", type=int, default=40, help="interleaved latency rounds (default 40)")
@@ -77,9 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-tp", action="store_true", help="run graphopt only")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: a JSON job run in a subprocess
     args = p.parse_args(argv)
-    unknown = set(args.models.split(",")) - {*NAMES, *big_models.BUILDERS}
+    unknown = set(args.models.split(",")) - set(ZOO)
     if unknown and not args.worker:
-        p.error(f"unknown models {sorted(unknown)}; choose from {', '.join((*NAMES, *big_models.BUILDERS))}")
+        p.error(f"unknown models {sorted(unknown)}; choose from {', '.join(ZOO)}")
     return args
 
 
@@ -106,18 +111,29 @@ def final_layer(model: nn.Module) -> nn.Module:
     return layers[-1]
 
 
+def head_attr(m: nn.Module) -> str | None:
+    """The attribute that holds a hand-written attention module's head count (timm: num_heads; others: heads)."""
+    return next((a for a in ("num_heads", "heads") if isinstance(getattr(m, a, None), int)), None)
+
+
 def tp_heads(model: nn.Module) -> list[tuple[nn.Module, dict]]:
-    """Attention modules with the ``{projection Linear: head count}`` that tp's examples pass as ``num_heads``."""
+    """Attention modules with the ``{projection Linear: head count}`` that tp's examples pass as ``num_heads``:
+    HF's q/k/v_proj and query/key/value, and hand-written modules with separate q/k/v or a fused qkv Linear and a
+    ``num_heads``/``heads`` attribute. Fused layouts tp cannot describe (MQA's q+k+v rows in one Linear, per-head
+    interleaved q/k/v) get no spec: tp then prunes them as plain channels."""
     specs = []
     for m in model.modules():
-        lin = lambda a: isinstance(getattr(m, a, None), nn.Linear)  # noqa: E731
+        lin = lambda a: type(getattr(m, a, None)) is nn.Linear  # noqa: E731
+        heads = head_attr(m)
         if all(map(lin, ("q_proj", "k_proj", "v_proj"))) and hasattr(m, "config"):
             kv = getattr(m.config, "num_key_value_heads", None) or m.config.num_attention_heads
             specs.append((m, {m.q_proj: m.config.num_attention_heads, m.k_proj: kv, m.v_proj: kv}))
         elif all(map(lin, ("query", "key", "value"))) and hasattr(m, "num_attention_heads"):
             specs.append((m, dict.fromkeys((m.query, m.key, m.value), m.num_attention_heads)))
-        elif (lin("qkv") or lin("qkv_proj")) and hasattr(m, "num_heads"):
-            specs.append((m, {getattr(m, "qkv", None) or m.qkv_proj: m.num_heads}))
+        elif all(map(lin, ("q", "k", "v"))) and heads:
+            specs.append((m, dict.fromkeys((m.q, m.k, m.v), getattr(m, heads))))
+        elif (lin("qkv") or lin("qkv_proj")) and heads:
+            specs.append((m, {getattr(m, "qkv", None) or m.qkv_proj: getattr(m, heads)}))
     return specs
 
 
@@ -132,9 +148,9 @@ def tp_fix_heads(specs: list[tuple[nn.Module, dict]], pruner) -> None:
             m.num_attention_heads, m.all_head_size = n, first.out_features
             m.attention_head_size = first.out_features // n
         else:
-            m.num_heads = n
-            if hasattr(m, "head_dim"):
-                m.head_dim = first.out_features // (3 * n)
+            setattr(m, head_attr(m), n)
+            if hasattr(m, "head_dim"):  # a fused qkv Linear holds three heads' worth of rows per head
+                m.head_dim = first.out_features // ((3 if len(heads) == 1 else 1) * n)
 
 
 def prune_graphopt(model: nn.Module, inputs, ratio: float) -> tuple[nn.Module, float, float]:
@@ -303,6 +319,11 @@ def summary(rows: list[dict]) -> str:
     lines = [f"- {tool} pruned {len(ok)}/{len(rows)} models: {', '.join(ok) or 'none'}"
              if any(tool in r["res"] for r in rows) else f"- {tool}: skipped"
              for tool in TOOLS for ok in [successes(rows, tool)]]
+    breadth = [r for r in rows if r["model"] in BREADTH_NAMES]
+    lines += [f"- on the breadth zoo, {tool} pruned {len(ok)}/{len(breadth)}" + (f" (not: {', '.join(no)})" if no else "")
+              for tool in TOOLS if breadth and any(tool in r["res"] for r in breadth)
+              for ok in [[r for r in successes(breadth, tool)]]
+              for no in [[r["model"] for r in breadth if r["model"] not in ok]]]
     r50 = next((r["res"] for r in rows if r["model"] == "resnet50"), {})
     if all("seconds" in r50.get(t, {}) for t in TOOLS):
         go, tp = r50["graphopt"]["pass_seconds"], r50["tp"]["seconds"]

@@ -15,7 +15,11 @@ torchvision, timm or transformers), so the patterns are exercised without those 
   ``x @ weight.T``;
 - ``dynamic_conv``: ConvBERT-style dynamic convolution heads (kernels predicted per token, applied to an
   ``F.unfold`` of the values);
-- ``tf_same_conv``: mobile convs with TensorFlow "SAME" padding (an explicit, input-size dependent ``F.pad``).
+- ``tf_same_conv``: mobile convs with TensorFlow "SAME" padding (an explicit, input-size dependent ``F.pad``);
+- ``rel_pos_attn``: DeBERTa-style disentangled attention: one relative-position table shared by all layers,
+  projected by each layer's query/key and tiled over the batch with ``repeat`` (heads folded into dim 0), read
+  with ``gather`` by relative offset (content-to-position and position-to-content terms), and a scale computed
+  at run time from ``torch.tensor(head_dim)``.
 
 They join the shared zoo through ``models.build`` (see ``BREADTH_REGISTRY``) but are listed apart
 (``BREADTH_NAMES``) so the per-model suites over ``models.NAMES`` do not grow with them.
@@ -398,6 +402,56 @@ class TfSameNet(nn.Module):
         return self.head(self.blocks(self.stem(x)).mean((2, 3)))
 
 
+class DisentangledAttention(nn.Module):
+    """Content-content, content-position and position-content attention scores (DeBERTa-style)."""
+
+    def __init__(self, dim: int, heads: int, span: int):
+        super().__init__()
+        self.heads, self.span = heads, span
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm = nn.LayerNorm(dim)
+
+    def _fold(self, t: torch.Tensor) -> torch.Tensor:  # [B, N, H*d] -> [B*H, N, d]
+        b, n, _ = t.shape
+        return t.view(b, n, self.heads, -1).permute(0, 2, 1, 3).reshape(b * self.heads, n, -1)
+
+    def forward(self, x: torch.Tensor, rel: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self._fold(self.q(x)), self._fold(self.k(x)), self._fold(self.v(x))
+        tiles = q.size(0) // self.heads  # the batch, read back off the folded queries
+        pos_k = self.k(rel).view(2 * self.span, self.heads, -1).transpose(0, 1).repeat(tiles, 1, 1)
+        pos_q = self.q(rel).view(2 * self.span, self.heads, -1).transpose(0, 1).repeat(tiles, 1, 1)
+        offsets = torch.arange(n)[:, None] - torch.arange(n)[None, :]
+        index = (offsets + self.span).clamp(0, 2 * self.span - 1).expand(q.size(0), n, n)
+        c2p = torch.gather(q @ pos_k.transpose(1, 2), -1, index)
+        p2c = torch.gather(k @ pos_q.transpose(1, 2), -1, index).transpose(1, 2)
+        scale = torch.sqrt(torch.tensor(q.size(-1), dtype=torch.float) * 3)
+        attn = ((q @ k.transpose(1, 2) + c2p + p2c) / scale).softmax(-1)
+        out = (attn @ v).view(b, self.heads, n, -1).permute(0, 2, 1, 3).reshape(b, n, d)
+        return self.norm(x + self.o(out))
+
+
+class RelPosEncoder(nn.Module):
+    """Token embedding, a shared normalized relative-position table and two disentangled-attention layers."""
+
+    def __init__(self, vocab: int = 100, dim: int = 32, heads: int = 4, span: int = 8):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.rel = nn.Embedding(2 * span, dim)
+        self.rel_norm = nn.LayerNorm(dim)
+        self.layers = nn.ModuleList(DisentangledAttention(dim, heads, span) for _ in range(2))
+        self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+                                  for _ in range(2))
+        self.head = nn.Linear(dim, NUM_CLASSES)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x, rel = self.embed(ids), self.rel_norm(self.rel.weight)
+        for attn, mlp in zip(self.layers, self.mlps):
+            x = attn(x, rel)
+            x = x + mlp(x)
+        return self.head(x.mean(1))
+
+
 _CNN, _CNN_BN = frozenset({"cnn"}), frozenset({"cnn", "bn"})
 _TRANSFORMER, _TRANSFORMER_BN = frozenset({"transformer"}), frozenset({"transformer", "bn"})
 
@@ -409,6 +463,7 @@ BREADTH_REGISTRY = {
     "falcon_style": (FalconStyle, _tokens, _TRANSFORMER),
     "dynamic_conv": (DynamicConvEncoder, _tokens, _TRANSFORMER),
     "tf_same_conv": (TfSameNet, _images, _CNN_BN),
+    "rel_pos_attn": (RelPosEncoder, _tokens, _TRANSFORMER),
 }
 """name -> (model factory, example-input factory, tags), in the format of ``models._REGISTRY``."""
 BREADTH_NAMES: tuple[str, ...] = tuple(BREADTH_REGISTRY)

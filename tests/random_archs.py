@@ -29,8 +29,8 @@ Building blocks (C: channels coming in):
   then concatenated back (in order or swapped) or gated (``a * sigmoid(b)``, GLU style).
 
 The breadth blocks of random_archs_breadth.py (``Mha``, ``PatchFold``, ``Im2col``, ``Pad``, ``SeqPool``,
-``TLinear``) join them: nn.MultiheadAttention, channels folded into the batch, im2col/col2im, padding, sequence
-pooling and ``x @ weight.T``.
+``TLinear``, ``RelPos``) join them: nn.MultiheadAttention, channels folded into the batch, im2col/col2im, padding,
+sequence pooling, ``x @ weight.T`` and relative-position attention (``repeat`` + ``gather``).
 
 Heads: global average pool + ``Linear(C, 5)`` (``mean`` or ``adaptive_avg_pool2d``), the same with a hidden layer,
 or ``flatten`` to ``(B, C*H*W)`` + ``Linear``.
@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 
 from random_archs_breadth import (  # noqa: F401 (recipe names, so a printed recipe evaluates here)
-    BREADTH_KINDS, Im2col, Mha, Pad, PatchFold, SeqPool, TLinear, breadth_block, breadth_module, breadth_out,
+    BREADTH_KINDS, Im2col, Mha, Pad, PatchFold, RelPos, SeqPool, TLinear, breadth_block, breadth_module, breadth_out,
 )
 
 BATCH = 2

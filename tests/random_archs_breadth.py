@@ -9,7 +9,10 @@ recipe leaf that takes ``(B, C, 8, 8)`` and returns ``(B, out, 8, 8)``.
 - ``Pad``: TF-"SAME" uneven padding before a stride-1 2x2 conv, or zero channels padded on (option-A shortcut);
 - ``SeqPool``: the 64 tokens mean-pooled 2x with ``avg_pool2d`` over ``(B, 1, N, C)``, a Linear, repeated back up,
   residual;
-- ``TLinear``: a channels-last linear written ``x @ weight.T``.
+- ``TLinear``: a channels-last linear written ``x @ weight.T``;
+- ``RelPos``: DeBERTa-style attention over the 64 tokens, heads folded into the batch dim, plus a content-to-position
+  term: a learned relative-position table projected by the key layer, tiled over the batch with ``repeat`` and read
+  with ``gather`` by offset; the values are the block's input, residual.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 
 MAX_C, MIN_C = 16, 2
-BREADTH_KINDS = ("mha", "patch_fold", "im2col", "pad", "seq_pool", "t_linear")
+BREADTH_KINDS = ("mha", "patch_fold", "im2col", "pad", "seq_pool", "t_linear", "rel_pos")
 
 
 @dataclass(frozen=True)
@@ -59,13 +62,18 @@ class TLinear:
     out: int
 
 
+@dataclass(frozen=True)
+class RelPos:
+    heads: int = 2
+
+
 def breadth_out(b, c: int) -> int | None:
     """Channels after block ``b`` on ``c`` channels (None: not a breadth block)."""
     if isinstance(b, (PatchFold, Im2col, TLinear)):
         return b.out
     if isinstance(b, Pad):
         return c + 2 * b.extra if b.mode == "channels" else c
-    if isinstance(b, (Mha, SeqPool)):
+    if isinstance(b, (Mha, SeqPool, RelPos)):
         return c
     return None
 
@@ -150,6 +158,32 @@ class TLinearM(nn.Module):
         return (x.permute(0, 2, 3, 1) @ self.weight.T + self.bias).permute(0, 3, 1, 2)
 
 
+class RelPosM(nn.Module):
+    SPAN = 4
+
+    def __init__(self, c: int, spec: RelPos):
+        super().__init__()
+        self.heads = spec.heads
+        self.q, self.k = nn.Linear(c, c), nn.Linear(c, c)
+        self.rel = nn.Parameter(torch.randn(2 * self.SPAN, c))
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)  # (B, N, C)
+        n = t.shape[1]
+
+        def fold(y):  # (B, N, C) -> (B*heads, N, C/heads)
+            return y.view(b, n, self.heads, -1).transpose(1, 2).reshape(b * self.heads, n, -1)
+
+        q, k, v = fold(self.q(t)), fold(self.k(t)), fold(t)
+        pos = self.k(self.rel).view(2 * self.SPAN, self.heads, -1).transpose(0, 1).repeat(b, 1, 1)
+        offsets = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).clamp(-self.SPAN, self.SPAN - 1)
+        c2p = torch.gather(q @ pos.transpose(1, 2), -1, (offsets + self.SPAN).expand(b * self.heads, n, n))
+        attn = ((q @ k.transpose(1, 2) + c2p) / q.shape[-1] ** 0.5).softmax(-1)
+        out = (attn @ v).view(b, self.heads, n, -1).transpose(1, 2).reshape(b, n, c)
+        return (t + out).transpose(1, 2).reshape(b, c, h, w)
+
+
 def breadth_module(b, c: int) -> nn.Module | None:
     """The module of breadth block ``b`` on ``c`` channels (None: not a breadth block)."""
     if isinstance(b, Mha):
@@ -164,6 +198,8 @@ def breadth_module(b, c: int) -> nn.Module | None:
         return SeqPoolM(c)
     if isinstance(b, TLinear):
         return TLinearM(c, b.out)
+    if isinstance(b, RelPos):
+        return RelPosM(c, b)
     return None
 
 
@@ -184,4 +220,6 @@ def breadth_block(draw, kind: str, c: int):
         return Pad(mode="same")
     if kind == "seq_pool":
         return SeqPool()
+    if kind == "rel_pos":
+        return RelPos(heads=draw(st.sampled_from([h for h in (1, 2, 4) if c % h == 0])))
     return TLinear(out=draw(widths))

@@ -75,6 +75,7 @@ def test_half_ratio_writes_back_into_the_users_class(name, pruned):
     model = res.to_model()
     assert type(model) is type(case.model)
     assert _n_params(model) == _n_params(res.module)
+    assert set(model.state_dict()) <= set(case.model.state_dict())  # graph constants are not attached as state
     for batch in (case.example_inputs, rebatch(case.example_inputs, 3)):
         assert_same_outputs(model, res.module, batch, rtol=1e-5, atol=1e-5)
     buffer = io.BytesIO()

@@ -23,7 +23,9 @@ class Family:
     ``q``/``k``: query/key projections; ``qkv``: a fused projection and how many equal parts it holds (GPT-2's
     ``c_attn``: 3) or None for (heads + 2 * kv_heads) * head_dim (Phi-3); ``up``: the MLP's widening layer (a fused
     gate+up counts half); ``intermediate``: the config field of the MLP width; ``head_dim``: whether the family's
-    attention reads ``config.head_dim`` (else it derives hidden_size // num_attention_heads)."""
+    attention reads its head width from the config field ``head_dim_field`` (else it derives hidden_size //
+    num_attention_heads); ``root_widths``: (module under the model root, config field of its output width), for
+    heads outside the layer list whose input and output widths are one field (DeBERTa's pooler)."""
 
     layers: str
     q: str = ""
@@ -33,7 +35,9 @@ class Family:
     up: str = ""
     up_fused: bool = False
     intermediate: str = "intermediate_size"
-    head_dim: bool = True  # the attention reads config.head_dim (else head_dim = hidden_size // heads)
+    head_dim: bool = True  # the attention reads config.<head_dim_field> (else head_dim = hidden_size // heads)
+    head_dim_field: str = "head_dim"
+    root_widths: tuple = ()
     o: str = ""  # the attention's output projection: its input width counts the query heads of a (h + 2 kv) qkv
     embed_fields: tuple = ()  # more config fields that hold the embedding width (OPT's word_embed_proj_dim)
     embed_scaled: bool = False  # embeddings are scaled by sqrt(hidden_size) (Gemma): that scale cannot change
@@ -69,6 +73,9 @@ FAMILIES: dict[str, Family] = {
                       head_dim=False),
     "vit": Family("encoder.layer", q="attention.attention.query", k="attention.attention.key",
                   up="intermediate.dense", head_dim=False),
+    "deberta-v2": Family("encoder.layer", q="attention.self.query_proj", k="attention.self.key_proj",
+                         up="intermediate.dense", head_dim_field="attention_head_size",
+                         root_widths=(("pooler.dense", "pooler_hidden_size"),)),
 }
 
 
@@ -84,7 +91,7 @@ def update_config(model: nn.Module, deleted: list[tuple[str, int]]) -> list[str]
     config = model.config
     family = FAMILIES.get(config.model_type)
     layers = _layer_list(model, family)
-    head_dim = _head_dim(config)  # before the hidden size changes: configs without head_dim derive it from that
+    head_dim = _head_dim(config, family)  # before the hidden size changes: configs without head_dim derive it from that
     _drop_layers(model, config, layers, deleted)
     update_experts(model)
     notes = update_moe_widths(model, layers)
@@ -100,9 +107,12 @@ def update_config(model: nn.Module, deleted: list[tuple[str, int]]) -> list[str]
     if family is None:
         return [f"{type(model).__name__} (model_type '{config.model_type}') has no entry in graphopt.result.hf_config."
                 "FAMILIES: only the hidden size and layer count of its config were updated"]
-    if layers is None or not len(layers):
+    if layers is None:
+        return notes + [f"{type(model).__name__} keeps no layer list at '{family.layers}' (graphopt.result.hf_config."
+                        "FAMILIES): its heads and MLP widths were not written to the config"]
+    if not len(layers):
         return notes
-    return notes + _update_widths(config, family, layers, head_dim)
+    return notes + _update_widths(config, family, layers, head_dim) + _update_root_widths(model, family)
 
 
 _EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")  # one config field per family
@@ -196,7 +206,8 @@ def update_moe_widths(model: nn.Module, layers: nn.ModuleList | None) -> list[st
 def _layer_list(model: nn.Module, family: Family | None) -> nn.ModuleList | None:
     if family is None:
         return None
-    for path in (family.layers, family.layers.partition(".")[2]):
+    prefixed = f"{model.base_model_prefix}.{family.layers}"  # a task model (BertForSequenceClassification.bert)
+    for path in (family.layers, family.layers.partition(".")[2], prefixed):
         try:
             found = model.get_submodule(path)
         except AttributeError:
@@ -235,7 +246,7 @@ def _update_widths(config, family: Family, layers: nn.ModuleList, head_dim: int)
     if kv_heads and hasattr(config, "num_key_value_heads"):
         _set(config, "num_key_value_heads", kv_heads)
     if heads and family.head_dim:
-        config.head_dim = head_dim  # explicit: hidden_size // heads may no longer give it
+        setattr(config, family.head_dim_field, head_dim)  # explicit: hidden_size // heads may no longer give it
     elif heads and heads * head_dim != config.hidden_size:
         warnings.append(f"{config.model_type} configs derive head_dim from hidden_size / num_attention_heads; "
                         f"{heads} heads of {head_dim} no longer fit hidden size {config.hidden_size}, so "
@@ -252,6 +263,24 @@ def _update_widths(config, family: Family, layers: nn.ModuleList, head_dim: int)
     return warnings
 
 
+def _update_root_widths(model: nn.Module, family: Family) -> list[str]:
+    """Config fields of modules outside the layer list (``Family.root_widths``): a square layer's width."""
+    notes = []
+    for path, name in family.root_widths:
+        module = next((m for p in (path, f"{model.base_model_prefix}.{path}") if _has_module(model, p)
+                       for m in [model.get_submodule(p)]), None)
+        if not isinstance(module, nn.Linear):
+            continue
+        if module.in_features != module.out_features:
+            notes.append(f"{model.config.model_type} configs give '{path}' one width ({name}), but after pruning it "
+                         f"maps {module.in_features} to {module.out_features} features, so from_pretrained cannot "
+                         f"rebuild it: prune its output like the hidden size (ignore=[{path}]) or save it with "
+                         "graphopt.save")
+        else:
+            _set(model.config, name, module.out_features)
+    return notes
+
+
 def _has_module(layer: nn.Module, path: str) -> bool:
     try:
         layer.get_submodule(path)
@@ -260,8 +289,8 @@ def _has_module(layer: nn.Module, path: str) -> bool:
         return False
 
 
-def _head_dim(config) -> int:
-    explicit = getattr(config, "head_dim", None)
+def _head_dim(config, family: Family | None) -> int:
+    explicit = getattr(config, family.head_dim_field if family else "head_dim", None)
     return int(explicit) if explicit else config.hidden_size // config.num_attention_heads
 
 

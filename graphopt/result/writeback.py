@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,6 +89,8 @@ def _assign_tensors(model: nn.Module, gm: fx.GraphModule, snap: Snapshot, rename
     targets = {}
     for graph_name, tensor in graph_tensors(gm).items():
         name = model_name(graph_name, rename)
+        if _EXPORT_CONSTANT.fullmatch(name.rpartition(".")[2]) and not _has(model, name):
+            continue  # a tensor the forward creates (torch.tensor(size) in DeBERTa's scale): not model state
         targets[name] = tensor
         _set_tensor(model, name, tensor)
     for names in snap.tied:
@@ -98,6 +101,9 @@ def _assign_tensors(model: nn.Module, gm: fx.GraphModule, snap: Snapshot, rename
                 if other != source and _has(model, other):
                     owner, leaf = owner_and_leaf(model, other)
                     owner._parameters[leaf] = shared
+
+
+_EXPORT_CONSTANT = re.compile(r"(lifted_tensor_|_tensor_constant)\d+")  # torch.export's names for such constants
 
 
 def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -9,7 +9,7 @@ import sys
 import torch
 import torch.fx as fx
 
-from graphopt.analysis.dependency.keys import TensorKeys, product, split
+from graphopt.analysis.dependency.keys import product, split
 from graphopt.analysis.dependency.walk import Walk, register_rule, shape, value_keys
 from graphopt.graph.nodes import arg
 
@@ -314,6 +314,44 @@ def slice_rule(w: Walk, node: fx.Node):
     return w.tensor(dims, node.name)
 
 
+def _repeat_rewrite(node: fx.Node, resized) -> None:
+    """Repeat counts stay what they were: a count computed at run time from a dim that pruning resized is scaled
+    back (new/old size of the output over the input)."""
+    new_out, new_in = resized.new_shape(node), resized.new_shape(node.args[0])
+    old_out, old_in = resized.dep.walk.values[node].sizes, resized.dep.walk.values[node.args[0]].sizes
+    lead, reps = len(new_out) - len(new_in), list(node.args[1])
+    for d, r in enumerate(reps):
+        if d < lead:
+            continue
+        new, old = new_out[d] // new_in[d - lead], old_out[d] // old_in[d - lead]
+        if isinstance(r, int):
+            reps[d] = new
+        elif new != old:
+            reps[d] = _scaled_size(node, r, new, old)
+    node.args = (node.args[0], reps, *node.args[2:])
+
+
+@register_rule(aten.repeat, rewrite=_repeat_rewrite)
+def repeat(w: Walk, node: fx.Node):
+    """``x.repeat(reps)`` tiles the whole tensor: output index (r, i) of a repeated dim is index i of tile r, a
+    product with a new 'tile' atom outside (DeBERTa's relative-position keys tiled over the batch, heads inside);
+    extra leading reps are new dims."""
+    x, out = w.keys(node.args[0]), shape(node)
+    if x is None:
+        return freeze_through(w, node)
+    lead = len(out) - len(x.dims)
+    dims = []
+    for d, n in enumerate(out):
+        if d < lead:
+            dims.append(w.fresh(n, f"{node.name}[{d}]"))
+        elif n == x.sizes[d - lead]:
+            dims.append(w.dk(x, d - lead))
+        else:
+            tile = w.fresh(n // x.sizes[d - lead], f"{node.name}/tile[{d}]")
+            dims.append(product(w.space, [tile, w.dk(x, d - lead)], node.name))
+    return w.tensor(dims, node.name)
+
+
 def _repeat_interleave_rewrite(node: fx.Node, resized) -> None:
     dim = int(node.args[2]) if len(node.args) > 2 else int(node.kwargs.get("dim"))
     repeats = resized.new_shape(node)[dim] // resized.new_shape(node.args[0])[dim]
@@ -326,104 +364,18 @@ def repeat_interleave(w: Walk, node: fx.Node):
     x = w.keys(node.args[0])
     dim_arg = arg(node, "dim")
     if x is None or not isinstance(node.args[1], int) or dim_arg is None:
-        return _freeze_through(w, node)
+        return freeze_through(w, node)
     dim = int(dim_arg) % len(x.dims)
     rep = w.fresh(int(node.args[1]), f"{node.name}/repeat")
     dims = [product(w.space, [w.dk(x, d), rep], node.name) if d == dim else w.dk(x, d) for d in range(len(x.dims))]
     return w.tensor(dims, node.name)
 
 
-def _advanced_index_layout(w: Walk, node: fx.Node, x, indices) -> list:
-    """Keys of ``x[indices]`` (advanced indexing): indexed dims of ``x`` are fixed and replaced by the broadcast
-    dims of the index tensors, at the first indexed position when the indexed dims are adjacent, else in front;
-    dims indexed by None pass through."""
-    indices = list(indices) + [None] * (len(x.dims) - len(indices))
-    picked = [d for d, i in enumerate(indices) if i is not None]
-    for d in picked:
-        w.freeze_keys(w.dk(x, d), f"{node.name}: indexed by a tensor")
-    tensors = [w.keys(indices[d]) for d in picked]
-    for tk in tensors:
-        w.freeze_value(tk, f"{node.name}: index tensor")
-    rank = max(len(tk.sizes) for tk in tensors)
-    bshape = [max([tk.sizes[k - rank + len(tk.sizes)] for tk in tensors if k - rank + len(tk.sizes) >= 0] or [1])
-              for k in range(rank)]
-    if len(tensors) == 1:
-        middle = [w.dk(tensors[0], k) for k in range(rank)]
-    else:
-        middle = [w.fresh(n, f"{node.name}/index[{k}]", frozen=f"{node.name}: index tensor") for k, n in
-                  enumerate(bshape)]
-    rest = [w.dk(x, d) for d in range(len(x.dims)) if indices[d] is None]
-    adjacent = picked == list(range(picked[0], picked[-1] + 1))
-    at = picked[0] if adjacent else 0
-    return rest[:at] + middle + rest[at:]
-
-
-def _index_args(w: Walk, node: fx.Node):
-    x, indices = w.keys(node.args[0]), node.args[1]
-    if x is None or not any(i is not None for i in indices):
-        return None, None
-    if any(i is not None and not isinstance(w.keys(i), TensorKeys) for i in indices):
-        return None, None
-    if any(i is not None and getattr(i.meta.get("tensor_meta"), "dtype", None) in (torch.bool, torch.uint8)
-           for i in indices):
-        return None, None  # a mask index consumes as many dims as it has: frozen through, not modelled
-    return x, indices
-
-
-@register_rule(aten.index, aten._unsafe_index)
-def index(w: Walk, node: fx.Node):
-    """x[..., idx, ...] with index tensors and None for whole dims (a table lookup such as relative position bias,
-    a gather of positions): indexed dims are fixed, the other dims pass through (see _advanced_index_layout)."""
-    x, indices = _index_args(w, node)
-    if x is None:
-        return _freeze_through(w, node)
-    return w.tensor(_advanced_index_layout(w, node, x, indices), node.name)
-
-
-@register_rule(aten.index_put, aten.index_put_, aten._unsafe_index_put)
-def index_put(w: Walk, node: fx.Node):
-    """x[indices] = values: the output is ``x``; indexed dims are fixed, and ``values`` (broadcast to the shape of
-    ``x[indices]``, aligned from the right) shares the pass-through dims it lines up with."""
-    x, indices = _index_args(w, node)
-    values = w.keys(node.args[2])
-    if x is None or not isinstance(values, TensorKeys):
-        return _freeze_through(w, node)
-    layout = _advanced_index_layout(w, node, x, indices)
-    for k in range(1, len(values.dims) + 1):
-        target = layout[-k] if k <= len(layout) else None
-        if target is not None and values.sizes[-k] == len(target):
-            w.unify(w.dk(values, -k), target, f"{node.name} (index_put values)")
-        else:
-            w.freeze_keys(w.dk(values, -k), f"{node.name}: broadcast into an indexed assignment")
-    return x
-
-
-@register_rule(aten.roll, aten.flip)
-def roll(w: Walk, node: fx.Node):
-    """Moves indices along the given dims: those dims are fixed, the others pass through."""
-    x = w.keys(node.args[0])
-    dims_arg = node.args[2] if node.target.overloadpacket is aten.roll else node.args[1]
-    for d in (dims_arg if isinstance(dims_arg, (list, tuple)) else [dims_arg]):
-        w.freeze_keys(w.dk(x, int(d)), f"{node.name}: indices move along this dim")
-    return x
-
-
-def _freeze_through(w: Walk, node: fx.Node):
+def freeze_through(w: Walk, node: fx.Node):
+    """Fallback for a form of an op the rule does not model: its inputs and output keep their sizes."""
     for a in node.args:
         w.freeze_value(w.keys(a), f"{node.name}: unsupported form of {node.target}")
     return value_keys(w, node, node.name, frozen=f"{node.name}: unsupported form of {node.target}")
-
-
-@register_rule(aten.gather)
-def gather(w: Walk, node: fx.Node):
-    """gather(x, dim, index): the output has index's shape; x's other dims line up with index's where sizes match."""
-    x, index = w.keys(node.args[0]), w.keys(node.args[2])
-    dim = int(node.args[1]) % len(x.dims)
-    w.freeze_keys(w.dk(x, dim), f"{node.name}: gathered by index")
-    for d in range(len(x.dims)):
-        if d != dim and x.sizes[d] == index.sizes[d]:
-            w.unify(w.dk(x, d), w.dk(index, d), f"{node.name} (gather)")
-    return index
 
 
 def _no_grad_region(w: Walk, node: fx.Node):
