@@ -38,7 +38,7 @@ from graphopt.calibration.input_energy import input_energy
 from graphopt.calibration.reconstruct import refit_before_removal, refit_targets
 from graphopt.errors import GraphoptWarning, PipelineError
 from graphopt.analysis.importance import CRITERIA, LOSSES, group_scores, named_loss
-from graphopt.analysis.moe_width import prune_expert_widths
+from graphopt.analysis.moe_width import prune_expert_widths, without_expert_widths
 from graphopt.calibration.expert_energy import expert_input_energy
 from graphopt.graph.inputs import ExampleInputs, check_batches
 from graphopt.graph.nodes import resolve
@@ -114,12 +114,15 @@ class PruneChannels(Pass):
                 first = dep
                 _warn_unknown(dep)
             plan = self.plan(gm, dep, ctx, 1 - step_keep, head_notes)
+            plan = without_expert_widths(gm, plan)  # each expert its own channels (experts=true), or whole
             if batches is not None and plan:
                 targets, skipped = refit_targets(gm, _removed_inputs(gm, plan), shared_weights(gm))
                 repairs.update(skipped)
                 repairs.update(refit_before_removal(gm, batches, targets, damp=self.damp))
             removed_total += apply_channel_plan(gm, dep, plan)
             if self.experts:
+                if plan:  # the experts' layout is read off the shapes: the hidden size may have changed
+                    _record_shapes(gm, ctx)
                 removed_total += self._prune_expert_widths(gm, ctx, 1 - step_keep, plan, head_notes)
             if step < self.steps - 1:  # the next step's analysis reads shapes: record the pruned ones
                 _record_shapes(gm, ctx)
@@ -174,7 +177,7 @@ class PruneChannels(Pass):
         batches = ctx.calib_data or [ctx.inputs.kwargs or ctx.inputs.args]
         removed, found = prune_expert_widths(
             gm, count, self.importance, seed=self.seed, batches=batches, loss_fn=self.loss_fn or named_loss(self.loss),
-            skip={m.param for g in plan for m in g.members},
+            skip={(m.param, m.dim) for g in plan for m in g.members},
             measure_energy=lambda layers: expert_input_energy(gm, layers, [ExampleInputs.of(b) for b in batches]))
         notes.update(found)
         return removed

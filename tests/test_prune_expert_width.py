@@ -1,6 +1,8 @@
 """prune-channels inside routed experts: each expert of an MoE layer loses the same number of intermediate channels
 (the fused tensors stay rectangular), each its own; Mixtral, Qwen2-MoE (shared expert pruned as an MLP), DeepSeek-V3."""
 
+import warnings
+
 import pytest
 import torch
 import transformers
@@ -13,12 +15,13 @@ from graphopt.graph.inputs import ExampleInputs
 from test_prune_experts import CALIB, IDS, _model, _params
 
 H, E = 64, 8  # hidden size, experts per layer (tests/test_prune_experts.py's configs)
-# the hidden size stays whole in these models (grouped_mm has no dependency rule): prune-channels says so each run
-pytestmark = pytest.mark.filterwarnings("ignore:prune-channels. no dependency rule:graphopt.errors.GraphoptWarning")
+# the hidden size kept whole (ignoring the embedding freezes its group), so the experts' arithmetic below is exact;
+# test_the_hidden_size_prunes_through_the_experts prunes it too
+HALF = "prune-channels:ratio=0.5,ignore=[model.embed_tokens]"
 
 
 def _removed_at_half(family: str) -> int:
-    """Parameters prune-channels:ratio=0.5 removes, from the config arithmetic of each family's test model."""
+    """Parameters HALF removes, from the config arithmetic of each family's test model."""
     experts = lambda width: E * 3 * H * (width // 2)  # noqa: E731 - gate, up rows and down columns of every expert
     mlp = lambda width: 3 * H * (width // 2)  # noqa: E731 - a plain gated MLP
     if family == "mixtral":  # 4 query heads of 16 -> 2 (1 of 2 key-value heads); experts 48 -> 24
@@ -40,7 +43,7 @@ def test_ratio_zero_changes_nothing(family):
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
 def test_half_the_expert_width_goes_and_the_model_comes_back(family, tmp_path):
     model = _model(family)
-    res = graphopt.optimize(model, "prune-channels:ratio=0.5", (IDS,))
+    res = graphopt.optimize(model, HALF, (IDS,))
     assert res.module(IDS).logits.shape == model(IDS).logits.shape
     assert _params(model) - _params(res.module) == _removed_at_half(family)
     moe = [name for name, _ in res.module.named_parameters() if name.endswith("experts.down_proj")]
@@ -67,9 +70,29 @@ def test_half_the_expert_width_goes_and_the_model_comes_back(family, tmp_path):
     torch.testing.assert_close(loaded(IDS).logits, back(IDS).logits, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_the_hidden_size_prunes_through_the_experts(family, tmp_path):
+    model = _model(family)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GraphoptWarning)  # nothing frozen for want of a rule; the config describes it
+        res = graphopt.optimize(model, "prune-channels:ratio=0.5", (IDS,))
+        back = res.to_model()
+    hidden = res.module.get_parameter("model.embed_tokens.weight").shape[1]
+    assert hidden == back.config.hidden_size == H // 2
+    for name, p in res.module.named_parameters():
+        if name.endswith("experts.down_proj"):
+            assert p.shape[:2] == (E, hidden)  # [experts, hidden, width]: the fused tensors follow the hidden size
+    assert _params(res.module) < 0.4 * _params(model)  # about dense decoders' share (expert width alone: ~54% left)
+    torch.testing.assert_close(back(IDS).logits, res.module(IDS).logits)
+    assert back.generate(IDS, max_new_tokens=3, do_sample=False).shape == (2, 11)
+    back.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(loaded(IDS).logits, back(IDS).logits, rtol=0, atol=0)
+
+
 def test_each_expert_keeps_its_own_strongest_channels():
     model = _model("mixtral")
-    pruned = graphopt.optimize(model, "prune-channels:ratio=0.5", (IDS,)).module
+    pruned = graphopt.optimize(model, HALF, (IDS,)).module
     experts = model.model.layers[0].mlp.experts
     gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
     kept = []
@@ -86,9 +109,9 @@ def test_each_expert_keeps_its_own_strongest_channels():
 
 def test_experts_false_and_ignore_keep_the_expert_width():
     model = _model("mixtral")
-    whole = graphopt.optimize(model, "prune-channels:ratio=0.5,experts=false", (IDS,)).module
+    whole = graphopt.optimize(model, HALF + ",experts=false", (IDS,)).module
     assert whole.get_parameter("model.layers.1.mlp.experts.down_proj").shape == (E, H, 48)
-    res = graphopt.optimize(model, "prune-channels:ratio=0.5,ignore=[model.layers.0.mlp.experts]", (IDS,))
+    res = graphopt.optimize(model, "prune-channels:ratio=0.5,ignore=[model.embed_tokens,model.layers.0.mlp.experts]", (IDS,))
     assert res.module.get_parameter("model.layers.0.mlp.experts.down_proj").shape == (E, H, 48)
     assert res.module.get_parameter("model.layers.1.mlp.experts.down_proj").shape == (E, H, 24)
     with pytest.warns(GraphoptWarning, match=r"the mixtral config holds one intermediate_size, but after pruning its "
@@ -99,9 +122,9 @@ def test_experts_false_and_ignore_keep_the_expert_width():
 
 def test_round_to_ratios_and_steps_count_experts_like_groups():
     model = _model("mixtral")
-    res = graphopt.optimize(model, "prune-channels:ratio=0.5,round_to=16", (IDS,))
+    res = graphopt.optimize(model, HALF + ",round_to=16", (IDS,))
     assert res.module.get_parameter("model.layers.0.mlp.experts.down_proj").shape == (E, H, 32)  # 24 up to 32
-    spec = "prune-channels:ratio=0.5,ratios=[[model.layers.1.mlp.experts,0.25]],steps=2"
+    spec = HALF + ",ratios=[[model.layers.1.mlp.experts,0.25]],steps=2"
     res = graphopt.optimize(model, spec, (IDS,))
     assert res.module.get_parameter("model.layers.0.mlp.experts.down_proj").shape == (E, H, 24)
     assert res.module.get_parameter("model.layers.1.mlp.experts.down_proj").shape == (E, H, 36)
@@ -112,7 +135,7 @@ def test_other_importances_choose_other_channels(importance):
     model = _model("mixtral")
     ranked = {}
     for how in ("l2", importance):
-        res = graphopt.optimize(model, f"prune-channels:ratio=0.5,importance={how}", (IDS,), calib_data=CALIB)
+        res = graphopt.optimize(model, f"{HALF},importance={how}", (IDS,), calib_data=CALIB)
         ranked[how] = res.module.get_parameter("model.layers.0.mlp.experts.down_proj")
         assert res.report.records[0].decisions["model.layers.0.mlp.experts"].endswith(f"by {how})")
         torch.testing.assert_close(res.to_model()(IDS).logits, res.module(IDS).logits)
@@ -122,7 +145,7 @@ def test_other_importances_choose_other_channels(importance):
 def test_batched_mm_dispatch_is_pruned_the_same_way():
     model = _model("qwen2_moe")
     model.config._experts_implementation = "batched_mm"
-    res = graphopt.optimize(model, "prune-channels:ratio=0.5", (IDS,))
+    res = graphopt.optimize(model, HALF, (IDS,))
     assert _params(model) - _params(res.module) == _removed_at_half("qwen2_moe")
     back = res.to_model()
     assert back.config.moe_intermediate_size == 16
@@ -158,7 +181,7 @@ def test_gpt_oss_interleaved_gate_up_with_biases_is_pruned_pairwise(tmp_path):
                                        num_experts_per_tok=2, max_position_embeddings=64,
                                        layer_types=["full_attention"] * 2)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    res = graphopt.optimize(model, "prune-channels:ratio=0.5,attention=none", (IDS,))
+    res = graphopt.optimize(model, HALF + ",attention=none", (IDS,))
     experts = model.model.layers[0].mlp.experts  # [E, hidden, 2 * width], gate at 2c, up at 2c + 1; down [E, width, H]
     gate_up, bias, down = experts.gate_up_proj.detach(), experts.gate_up_proj_bias.detach(), experts.down_proj.detach()
     pruned = res.module.get_submodule("model.layers.0.mlp.experts")
@@ -181,7 +204,7 @@ def test_gpt_oss_interleaved_gate_up_with_biases_is_pruned_pairwise(tmp_path):
 
 def test_experts_and_their_width_pruned_in_one_pipeline(tmp_path):
     model = _model("deepseek_v3")
-    res = graphopt.optimize(model, ["prune-experts:n=4,criterion=random", "prune-channels:ratio=0.5"], (IDS,))
+    res = graphopt.optimize(model, ["prune-experts:n=4,criterion=random", HALF], (IDS,))
     back = res.to_model()
     assert (back.config.n_routed_experts, back.config.moe_intermediate_size) == (4, 16)
     assert back.model.layers[1].mlp.experts.gate_up_proj.shape == (4, 32, H)

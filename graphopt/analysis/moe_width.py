@@ -14,8 +14,9 @@ summed the same way; ``activation``: ||down[:, c]||² · E[x_c²] over the calib
 graphopt/calibration/expert_energy.py, l2 for an expert no token reached; ``random``: a seeded draw; ``bn-scale``:
 l1). ``reconstruct`` does not refit experts.
 Nothing in the dispatch (``grouped_mm``, ``batched_mm``) holds the width as a constant, so slicing the tensors is
-the whole edit; the shapes are re-propagated by the pass manager. The dependency analysis never sees these
-channels: they live inside fused 3-D tensors that no channel group holds.
+the whole edit; the shapes are re-propagated by the pass manager. The dependency analysis couples the fused
+tensors' hidden dim through the grouped products (rules_moe.py) and so sees these channels too, but as one index
+shared by all experts: ``without_expert_widths`` takes those groups out of its plan and leaves them to this module.
 """
 
 from __future__ import annotations
@@ -63,6 +64,19 @@ class ExpertWidth:
         """The tensors holding these channels (the pass's ignore/ratios patterns match them)."""
         return [name for name, _, _ in self.members]
 
+    def dims(self) -> set[tuple[str, int]]:
+        """(tensor, dim) of every member: where these channels live."""
+        return {(name, dim) for name, dim, _ in self.members}
+
+
+def without_expert_widths(gm: fx.GraphModule, plan: dict) -> dict:
+    """``plan`` (channel group -> channels to remove) less the groups that are only routed experts' intermediate
+    channels: the dependency analysis sees one channel index shared by all experts, while prune_expert_widths lets
+    each expert choose its own, so those groups are left to it."""
+    widths, _ = find_expert_widths(gm)
+    inside = set().union(*(w.dims() for w in widths))
+    return {g: v for g, v in plan.items() if not all((m.param, m.dim) in inside for m in g.members)}
+
 
 def find_expert_widths(gm: fx.GraphModule, layers: list[MoeLayer] | None = None) -> tuple[list[ExpertWidth],
                                                                                         dict[str, str]]:
@@ -109,6 +123,10 @@ def _width_of(gm: fx.GraphModule, layer: MoeLayer) -> ExpertWidth | str:
 
 
 def _meta_last(node: fx.Node) -> int | None:
+    """The last dim of the node's recorded shape: the propagated one (current after pruning), else torch.export's."""
+    meta = node.meta.get("tensor_meta")
+    if hasattr(meta, "shape"):
+        return int(meta.shape[-1])
     val = node.meta.get("val")
     return int(val.shape[-1]) if isinstance(val, torch.Tensor) else None
 
@@ -169,11 +187,11 @@ def _rows(values: torch.Tensor, dim: int, power: int) -> torch.Tensor:
 
 def prune_expert_widths(gm: fx.GraphModule, count: Callable[[ExpertWidth], int], importance: str, *,
                         seed: int = 0, batches: Iterable | None = None, loss_fn: Callable | None = None,
-                        skip: set[str] = frozenset(),
+                        skip: set[tuple[str, int]] = frozenset(),
                         measure_energy: Callable[[list], dict] | None = None) -> tuple[int, dict[str, str]]:
     """Remove ``count(width)`` channels from every routed expert of each MoE layer, each expert its own lowest.
-    ``batches``: for ``importance='taylor'`` (with ``loss_fn``); ``skip``: tensors another plan already edits (their
-    layer stays); ``measure_energy``: for ``importance='activation'``, called with [(MoE layer, its down tensor's
+    ``batches``: for ``importance='taylor'`` (with ``loss_fn``); ``skip``: (tensor, dim) pairs another plan already
+    edits (a layer whose width one of them holds stays); ``measure_energy``: for ``importance='activation'``, called with [(MoE layer, its down tensor's
     name, width)] and returning {experts module: ``[num_experts, width]`` energies or None}
     (graphopt.calibration.expert_energy, injected by the pass: analysis does not run calibration).
     Returns (parameters removed, {experts module: what happened})."""
@@ -184,7 +202,7 @@ def prune_expert_widths(gm: fx.GraphModule, count: Callable[[ExpertWidth], int],
                       GraphoptWarning, stacklevel=4)
     plans = []
     for width in widths:
-        if skip & set(width.params()):
+        if skip & width.dims():
             notes[width.name] = "expert width kept: a channel group of the dependency analysis holds its tensors"
         elif (k := count(width)) > 0:
             plans.append((width, k))

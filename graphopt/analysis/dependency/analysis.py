@@ -13,6 +13,7 @@ import torch.fx as fx
 import graphopt.analysis.dependency.rules_elementwise  # noqa: F401  (registers rules)
 import graphopt.analysis.dependency.rules_layers  # noqa: F401
 import graphopt.analysis.dependency.rules_index  # noqa: F401
+import graphopt.analysis.dependency.rules_moe  # noqa: F401
 import graphopt.analysis.dependency.rules_shape  # noqa: F401
 import graphopt.analysis.dependency.rules_windows  # noqa: F401
 from graphopt.analysis.dependency.keys import TensorKeys

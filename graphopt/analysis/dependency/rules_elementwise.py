@@ -26,6 +26,7 @@ ELEMENTWISE = (
     aten.lerp, aten.addcmul, aten.addcdiv, aten.atan2, aten.copysign, aten.isnan, aten.isinf, aten.nan_to_num,
     aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax, aten.zeros_like, aten.ones_like,
     aten.full_like, aten.empty_like,
+    aten.copy,  # copy(dst, src): src broadcast into dst, index for index (copy_ joins with the in-place forms)
 )
 
 

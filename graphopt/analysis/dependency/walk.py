@@ -34,7 +34,9 @@ RULES: dict[Any, Rule] = {}
 
 
 def register_rule(*ops, rewrite: RewriteFn | None = None):
-    """Decorator: use the function as the propagation rule of ``ops`` (ATen packets/overloads or callables)."""
+    """Decorator: use the function as the propagation rule of ``ops`` (ATen packets/overloads or callables, or a
+    custom op's qualified name such as ``"transformers::grouped_mm_fallback"``, for ops that a library registers
+    only once it is imported)."""
     def deco(fn: RuleFn) -> RuleFn:
         for op in ops:
             RULES[op] = Rule(fn, rewrite)
@@ -43,9 +45,10 @@ def register_rule(*ops, rewrite: RewriteFn | None = None):
 
 
 def rule_for(node: fx.Node) -> Rule | None:
-    """The registered rule of a call_function node, by overload first, then by packet."""
+    """The registered rule of a call_function node, by overload first, then by packet, then by qualified name."""
     target = node.target
-    return RULES.get(target) or RULES.get(getattr(target, "overloadpacket", None))
+    return (RULES.get(target) or RULES.get(getattr(target, "overloadpacket", None))
+            or RULES.get(getattr(getattr(target, "_schema", None), "name", None)))
 
 
 def shape(node: fx.Node) -> tuple[int, ...]:
