@@ -211,3 +211,12 @@ def test_experts_and_their_width_pruned_in_one_pipeline(tmp_path):
     back.save_pretrained(tmp_path)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(loaded(IDS).logits, res.module(IDS).logits)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_pruned_moe_exports_to_onnx_and_onnxruntime_agrees(family, tmp_path):
+    model = _model(family)
+    res = graphopt.optimize(model, ["prune-experts:n=4,criterion=random", "prune-channels:ratio=0.5"], (IDS,))
+    report = graphopt.export_onnx(res.module, (IDS,), tmp_path / f"{family}.onnx")  # grouped_mm: our translation
+    assert report.exporter == "dynamo" and report.dynamic_batch and len(report.verified_batches) >= 2
+    assert report.max_abs_error is not None and report.max_abs_error < 1e-4

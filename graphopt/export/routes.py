@@ -27,6 +27,7 @@ from torch.export import Dim
 
 from graphopt.errors import GraphoptWarning
 from graphopt.export.formats import ExportError
+from graphopt.export.onnx_translations import custom_translations
 from graphopt.export.onnx_io import FlatIO, ensure_fake_quant_meta_kernels, set_batch_dim_name
 from graphopt.export.onnx_verify import BatchSizeError
 
@@ -129,6 +130,7 @@ def _export_dynamo(flat: FlatIO, batched: list[bool], opset: int | None):
         program = torch.onnx.export(
             flat, tuple(flat.tensors), None, dynamo=True, opset_version=opset, input_names=flat.input_names,
             output_names=flat.output_names, dynamic_shapes=(specs,) if any(batched) else None, verbose=False,
+            custom_translation_table=custom_translations() or None,
         )
     proto = program.model_proto
     set_batch_dim_name(proto, batched, "batch")
