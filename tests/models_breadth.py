@@ -273,7 +273,9 @@ class TLinear(nn.Linear):
 
 
 class ParallelMqaBlock(nn.Module):
-    """One layer norm feeding multi-query attention (one key/value head) and the MLP in parallel."""
+    """One layer norm feeding multi-query attention (one key/value head) and the MLP in parallel. The fused
+    projection's head count is read off the tensor (``-1``), as HF Falcon's is off its config: a written
+    ``self.heads + 2`` is a size write-back cannot update (tests/test_prune_breadth.py checks the error)."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -286,7 +288,7 @@ class ParallelMqaBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         h = self.norm(x)
-        qkv = self.qkv(h).view(b, n, self.heads + 2, self.head_dim)
+        qkv = self.qkv(h).view(b, n, -1, self.head_dim)
         q, k, v = qkv[:, :, :-2], qkv[:, :, [-2]], qkv[:, :, [-1]]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         attn = F.scaled_dot_product_attention(q, k.expand_as(q), v.expand_as(q), is_causal=True)

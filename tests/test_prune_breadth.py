@@ -20,9 +20,11 @@ import torch.nn as nn
 import graphopt
 from graphopt.analysis.dependency import DependencyGraph
 from graphopt.analysis.dependency.apply import apply_channel_plan
+from graphopt.errors import WritebackError
 from graphopt.passes.channel_prune import PruneChannels
 from graphopt.result.pruned_mha import PrunedMultiheadAttention
 from models import BREADTH_NAMES, build
+from models_breadth import FalconStyle, ParallelMqaBlock
 from util import assert_same_outputs, outputs, rebatch
 
 aten = torch.ops.aten
@@ -161,3 +163,29 @@ def test_pruned_multihead_attention_computes_what_torch_does(batch_first):
     unbatched = q[:, 0] if not batch_first else q[0]
     torch.testing.assert_close(ours(unbatched, unbatched, unbatched)[0], ref(unbatched, unbatched, unbatched)[0],
                                rtol=1e-5, atol=1e-5)
+
+
+class HeadsPlusTwoBlock(ParallelMqaBlock):
+    """The block with its fused head count written as arithmetic on an attribute: ``self.heads + 2``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        h = self.norm(x)
+        qkv = self.qkv(h).view(b, n, self.heads + 2, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in (qkv[:, :, :-2], qkv[:, :, [-2]], qkv[:, :, [-1]]))
+        attn = torch.nn.functional.scaled_dot_product_attention(q, k.expand_as(q), v.expand_as(q), is_causal=True)
+        return x + self.dense(attn.transpose(1, 2).reshape(b, n, -1)) + self.down(torch.nn.functional.gelu(self.up(h)))
+
+
+def test_a_head_count_written_as_arithmetic_is_named_when_write_back_cannot_follow():
+    """The graph prunes the query heads (the view's 6 becomes 4); the module's ``heads + 2`` cannot be updated from
+    that constant, so to_model() names the module and what to write instead, rather than returning a broken model."""
+    torch.manual_seed(0)
+    model = FalconStyle().eval()
+    for block in model.blocks:
+        block.__class__ = HeadsPlusTwoBlock
+    ids = torch.randint(0, 100, (2, 16))
+    res = graphopt.optimize(model, [PruneChannels(ratio=0.5)], (ids,))
+    assert res.module(ids).shape == model(ids).shape
+    with pytest.raises(WritebackError, match=r"module `blocks.0` raised RuntimeError.*write it as -1"):
+        res.to_model()

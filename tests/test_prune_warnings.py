@@ -151,10 +151,11 @@ def _hf_falcon():
                                           pad_token_id=0, bos_token_id=1, eos_token_id=2))
 
 
-def test_hf_falcon_multi_query_parallel_block_prunes_through_tensor_t():
+def test_hf_falcon_multi_query_parallel_block_prunes_through_tensor_t(tmp_path):
     """transformers' Falcon linear layers compute ``x @ weight.T`` (aten.numpy_T): with its rule, the default-config
     model (multi-query attention, parallel attention/MLP) prunes at ratio 0.5 without any warning of frozen
-    channels, keeps its output shapes, and its written-back model still generates."""
+    channels, keeps its output shapes, and its written-back model still generates and round-trips through
+    save_pretrained/from_pretrained (its query heads go with the hidden size, as its config derives head_dim)."""
     model = _hf_falcon().eval()
     inputs = _lm_inputs()
     result, messages = _prune(model, inputs)
@@ -167,9 +168,15 @@ def test_hf_falcon_multi_query_parallel_block_prunes_through_tensor_t():
     got = got["logits"] if isinstance(got, dict) else got[0]
     assert got.shape == want.shape
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", graphopt.GraphoptWarning)  # hidden size / heads: config note
-        written = result.to_model()
+        warnings.simplefilter("error", graphopt.GraphoptWarning)  # the config describes it: heads went with the hidden
+        written = result.to_model()  # size (the key/value head picked by a constant index is renumbered)
+    assert written.config.num_attention_heads * 16 == written.config.hidden_size < 64
     assert written.generate(inputs["input_ids"][:1], max_new_tokens=3, do_sample=False).shape == (1, 11)
+    written.save_pretrained(tmp_path)
+    reloaded = type(written).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, written(**inputs).logits, rtol=0, atol=0)
+        torch.testing.assert_close(written(**inputs).logits, got, rtol=1e-5, atol=1e-5)
 
 
 class AllBehindCustomOps(nn.Module):

@@ -13,6 +13,7 @@ import torch.fx as fx
 from graphopt.analysis.dependency.keys import TensorKeys
 from graphopt.analysis.dependency.rules_shape import freeze_through
 from graphopt.analysis.dependency.walk import Walk, register_rule
+from graphopt.graph.nodes import owner_and_leaf, resolve
 
 aten = torch.ops.aten
 
@@ -54,13 +55,64 @@ def _index_args(w: Walk, node: fx.Node):
     return x, indices
 
 
-@register_rule(aten.index, aten._unsafe_index)
+_COPIES = (aten.lift_fresh_copy.default, aten.clone.default, aten.detach.default)
+
+
+def _constant_pick(gm: fx.GraphModule, node: fx.Node, sizes: tuple) -> tuple[int, fx.Node, list[int]] | None:
+    """(dim, index node, positions) where ``x[..., idx, ...]`` picks distinct positions of one dim with a constant
+    1-D integer tensor that only this op reads (Falcon's ``qkv[..., [-2], :]``: the key head of a fused
+    multi-query projection), else None."""
+    picked = [(d, i) for d, i in enumerate(node.args[1]) if i is not None]
+    if len(picked) != 1 or not isinstance(picked[0][1], fx.Node):
+        return None
+    dim, idx = picked[0]
+    while idx.op == "call_function" and idx.target in _COPIES and len(idx.users) == 1:
+        idx = idx.args[0]  # torch.export lifts a literal ``[-2]`` as a constant read through lift_fresh_copy
+    if idx.op != "get_attr" or len(idx.users) != 1:
+        return None
+    value = resolve(gm, idx.target)
+    if not isinstance(value, torch.Tensor) or value.dim() != 1 or value.dtype not in (torch.int64, torch.int32):
+        return None
+    positions = [int(v) % sizes[dim] for v in value.tolist()]
+    return (dim, idx, positions) if len(set(positions)) == len(positions) else None
+
+
+def _index_rewrite(node: fx.Node, resized) -> None:
+    """A constant pick's positions, renumbered to the kept indices (negative ones stay counted from the end)."""
+    x = node.args[0]
+    gm = node.graph.owning_module
+    found = _constant_pick(gm, node, tuple(int(s) for s in x.meta["tensor_meta"].shape))
+    kept = resized.kept_rows(x, found[0]) if found else None
+    if kept is None or bool(kept.all()):
+        return
+    dim, idx, positions = found
+    old = resolve(gm, idx.target)
+    new = [int(kept[:p].sum()) for p in positions if kept[p]]
+    new = [q - int(kept.sum()) if int(v) < 0 else q for q, v in zip(new, [v for v, p in zip(old.tolist(), positions)
+                                                                        if kept[p]])]
+    owner, leaf = owner_and_leaf(gm, idx.target)
+    value = torch.tensor(new, dtype=old.dtype)
+    if leaf in owner._buffers:
+        owner._buffers[leaf] = value
+    else:
+        setattr(owner, leaf, value)
+
+
+@register_rule(aten.index, aten._unsafe_index, rewrite=_index_rewrite)
 def index(w: Walk, node: fx.Node):
     """x[..., idx, ...] with index tensors and None for whole dims (a table lookup such as relative position bias,
-    a gather of positions): indexed dims are fixed, the other dims pass through (see _advanced_index_layout)."""
+    a gather of positions): indexed dims are fixed, the other dims pass through (see _advanced_index_layout). A
+    constant pick of distinct positions on one dim keeps the picked keys instead (see _constant_pick)."""
     x, indices = _index_args(w, node)
     if x is None:
         return freeze_through(w, node)
+    pick = _constant_pick(w.gm, node, x.sizes)
+    if pick is not None:
+        dim, _, positions = pick
+        w.freeze_value(w.keys(indices[dim]), f"{node.name}: index tensor")
+        keys = w.dk(x, dim)
+        return w.tensor([[keys[p] for p in positions] if d == dim else w.dk(x, d) for d in range(len(x.dims))],
+                        node.name)
     return w.tensor(_advanced_index_layout(w, node, x, indices), node.name)
 
 

@@ -142,7 +142,9 @@ def sdpa(w: Walk, node: fx.Node):
         if len(t.dims) >= 3:
             w.tag(w.dk(t, -3), "heads")
         w.tag(w.dk(t, -1), "head_dim")
-    if q.sizes[:-2] != k.sizes[:-2] or k.sizes[:-2] != v.sizes[:-2]:
+    lead = [{q.sizes[d], k.sizes[d], v.sizes[d]} - {1} for d in range(len(q.sizes) - 2)] \
+        if len(q.sizes) == len(k.sizes) == len(v.sizes) else [{0, 1}]
+    if any(len(sizes) > 1 for sizes in lead):  # a single key/value head broadcast (multi-query) is not grouping
         for t in (q, k, v):  # grouped-query attention inside SDPA: keep head counts as they are
             w.freeze_keys(w.dk(t, -3), f"{name}: grouped heads inside scaled_dot_product_attention")
     batch = _broadcast_batch(w, [q, k, v], q.sizes[:-2], name)
