@@ -240,10 +240,22 @@ def test_advanced_indexing_of_a_spatial_dim_keeps_channels_prunable():
     assert res.module(torch.randn(3, 3, 5, 5)).shape == (3, 6)
 
 
-def test_advanced_indexing_of_the_channel_dim_freezes_those_channels():
-    dep = analyse(IndexNet(on_channels=True), torch.randn(2, 3, 5, 5))
-    assert not [g for g in dep.groups if "a.weight" in g.params() and len(g.prunable)]
+def test_a_constant_pick_of_channels_keeps_those_and_frees_the_unread_ones():
+    """``h[:, rows]`` with a constant ``rows``: the picked channels reach the model output (frozen), the other five
+    are read by nothing, so pruning removes them, renumbers ``rows`` and changes no output."""
+    model = IndexNet(on_channels=True).eval()
+    x = torch.randn(2, 3, 5, 5)
+    dep = analyse(model, x)
     assert not dep.unknown_ops
+    group = group_of(dep, "a.weight", 0)
+    assert sorted(set(range(8)) - set(group.prunable.tolist())) == [0, 2, 3]
+    res = graphopt.optimize(model, "prune-channels:ratio=0.5", (x,))
+    assert res.module.a.weight.shape[0] == 4  # half of 8 go, all of them unread
+    picked = res.module.a.weight[res.module.rows]  # the renumbered pick reads the same filters
+    torch.testing.assert_close(picked, model.a.weight[model.rows], rtol=0, atol=0)
+    x3 = torch.randn(3, 3, 5, 5)
+    torch.testing.assert_close(res.module(x3), model(x3), rtol=0, atol=0)
+    assert torch.equal(model.rows, torch.tensor([3, 0, 2]))  # the user's buffer is untouched
 
 
 class EinsumNet(nn.Module):
