@@ -70,9 +70,12 @@ def test_half_the_expert_width_goes_and_the_model_comes_back(family, tmp_path):
     torch.testing.assert_close(loaded(IDS).logits, back(IDS).logits, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
-def test_the_hidden_size_prunes_through_the_experts(family, tmp_path):
+@pytest.mark.parametrize("family,dispatch", [("mixtral", None), ("qwen2_moe", None), ("deepseek_v3", None),
+                                             ("qwen2_moe", "batched_mm")])
+def test_the_hidden_size_prunes_through_the_experts(family, dispatch, tmp_path):
     model = _model(family)
+    if dispatch:  # weights gathered per token and bmm(weight, x.unsqueeze(-1)): a per-token linear, not heads
+        model.config._experts_implementation = dispatch
     with warnings.catch_warnings():
         warnings.simplefilter("error", GraphoptWarning)  # nothing frozen for want of a rule; the config describes it
         res = graphopt.optimize(model, "prune-channels:ratio=0.5", (IDS,))

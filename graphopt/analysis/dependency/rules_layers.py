@@ -96,7 +96,9 @@ def matmul(w: Walk, node: fx.Node):
         w.freeze_value(b, "1-D matmul")
         return value_keys(w, node, node.name, frozen="1-D matmul")
     w.unify(w.dk(a, -1), w.dk(b, -2), f"{node.name} (contraction)")
-    if len(a.dims) >= 3 and len(b.dims) >= 3:  # batched products of heads: q @ k^T, attn @ v
+    # batched products of heads (q @ k^T, attn @ v); a batched matrix-vector product is a per-token linear layer
+    # (MoE experts' weights gathered per token, bmm(weight, x.unsqueeze(-1))), whose dims are no heads
+    if len(a.dims) >= 3 and len(b.dims) >= 3 and a.sizes[-2] != 1 and b.sizes[-1] != 1:
         w.tag(w.dk(a, -3), "heads")
         w.tag(w.dk(a, -1), "head_dim")
         w.tag(w.dk(b, -1), "head_dim")
