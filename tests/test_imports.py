@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.machinery
+import subprocess
+import sys
 from pathlib import Path
 
 import networkx as nx
@@ -132,3 +135,18 @@ def test_the_stage_folders_form_no_cycle():
     assert nx.has_path(graph, "graphopt.result", "graphopt.export")
     assert not nx.has_path(graph, "graphopt.capture", "graphopt.pipeline")
     assert not nx.has_path(graph, "graphopt.analysis", "graphopt.passes")
+
+
+def test_a_checkout_on_sys_path_does_not_shadow_hugging_faces_kernels_package():
+    """transformers >= 5.25 imports Hugging Face's ``kernels`` at start-up; ``python -m`` from a checkout puts its root,
+    and so graphopt's kernels/ directory, first on sys.path. The top-level name must still reach the real package."""
+    code = "import kernels, graphopt.kernels; print(kernels.__file__); print(graphopt.kernels.QuantLinear.__module__)"
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    elsewhere = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+    if importlib.machinery.PathFinder.find_spec("kernels", elsewhere) is None:
+        assert run.returncode != 0 and "graphopt.kernels" in run.stderr, run.stderr
+        return
+    assert run.returncode == 0, run.stderr
+    real, ours = run.stdout.split()
+    assert Path(real).resolve() != ROOT / "kernels" / "__init__.py" and "site-packages" in real, real
+    assert ours == "graphopt.kernels.modules"
