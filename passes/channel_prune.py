@@ -153,7 +153,7 @@ class PruneChannels(Pass):
         scores = group_scores(gm, groups, self.importance, seed=self.seed, batches=batches,
                               loss_fn=self.loss_fn or named_loss(self.loss), energy=energy)
         counts = self._global_counts(groups, scores, ratio) if self.global_ranking else \
-            {g.index: self._count(g, self._ratio_of(g, ratio)) for g in groups}
+            {g.index: self._count(g, self._ratio_of(g, ratio), _count_base(g, dep)) for g in groups}
         if not self.global_ranking:
             counts.update(self._factored_head_counts(groups, dep, ratio, notes))
         uniform = self.uniform if self.uniform is not None else bool(gm.meta.get("graphopt_hf_model"))
@@ -268,11 +268,13 @@ class PruneChannels(Pass):
                 return 1 - (1 - r) ** (1 / self.steps)
         return default
 
-    def _count(self, group: ChannelGroup, ratio: float) -> int:
-        """Channels to remove: ratio of the group, capped, leaving a multiple of round_to."""
+    def _count(self, group: ChannelGroup, ratio: float, base: int | None = None) -> int:
+        """Channels to remove: ratio of ``base`` channels of the group (all of them unless said), capped, leaving a
+        multiple of round_to."""
+        base = group.size if base is None else base
         # one step rounds down (never more than asked); a schedule rounds to nearest so n steps reach the target
-        wanted = int(ratio * group.size) if self.steps == 1 else round(ratio * group.size)
-        k = min(wanted, int(self.max_ratio_per_group * group.size), len(group.prunable))
+        wanted = int(ratio * base) if self.steps == 1 else round(ratio * base)
+        k = min(wanted, int(self.max_ratio_per_group * base), len(group.prunable))
         keep = group.size - k
         if self.round_to > 1:
             keep = min(group.size, math.ceil(keep / self.round_to) * self.round_to)
@@ -308,6 +310,14 @@ class PruneChannels(Pass):
                 for g in members:
                     out[g.index] = self._count(g, (round(mean) + 1e-6) / g.size)
         return out
+
+
+def _count_base(group: ChannelGroup, dep: DependencyGraph) -> int:
+    """What a ratio is a share of: a group's channels, but of a heads group only the heads that may go. A fused
+    projection viewed as query heads plus fixed key/value slots (multi-query attention's ``view(b, s, heads + 2,
+    head_dim)`` split into [heads, 1, 1]) keeps those slots; ratio 0.5 must halve the query heads, not remove half
+    of all the slots from the query heads."""
+    return len(group.prunable) if dep.group_kind(group) == "heads" else group.size
 
 
 def _attention_name(group: ChannelGroup) -> str:
